@@ -1,0 +1,33 @@
+"""dalle-ds: train DALL-E-style text-to-image models with DeepSpeed."""
+
+from .attention import SparseAttention, block_attention, dense_attention, sparse_attention
+from .config import PRESETS, ConfigError, DalleConfig, DVAEConfig, get_preset, load_config, save_config
+from .dalle import DALLE, DalleOutput, pad_text
+from .dvae import Decoder, DiscreteVAE, Encoder, map_pixels, unmap_pixels
+from .masks import attention_mask, layer_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DALLE",
+    "PRESETS",
+    "ConfigError",
+    "DVAEConfig",
+    "DalleConfig",
+    "DalleOutput",
+    "Decoder",
+    "DiscreteVAE",
+    "Encoder",
+    "SparseAttention",
+    "attention_mask",
+    "block_attention",
+    "dense_attention",
+    "get_preset",
+    "layer_schedule",
+    "load_config",
+    "map_pixels",
+    "pad_text",
+    "save_config",
+    "sparse_attention",
+    "unmap_pixels",
+]

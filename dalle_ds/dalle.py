@@ -1,0 +1,177 @@
+"""The DALL-E transformer: decoder-only, sparse attention, over [text tokens, image tokens].
+
+Sequence layout: ``text_len`` text positions then ``image_grid**2`` image positions.
+The output at position ``i`` predicts token ``i + 1``: positions ``0 .. text_len - 2``
+predict text (logits over the text vocabulary plus the per-position padding tokens),
+positions ``text_len - 1 .. n - 2`` predict image codes (logits over the codebook).
+The first text token is given, the last position's output is unused. Logits are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import SparseAttention
+from .config import DalleConfig
+from .dvae import DiscreteVAE
+from .masks import layer_schedule
+
+__all__ = ["DALLE", "DalleOutput", "pad_text"]
+
+
+def pad_text(tokens: list[list[int]], config: DalleConfig) -> torch.Tensor:
+    """Truncate/pad token lists to ``text_len``; the pad at position i gets id ``text_vocab_size + i``."""
+    out = torch.arange(config.text_len).add(config.text_vocab_size).repeat(len(tokens), 1)
+    for row, toks in enumerate(tokens):
+        toks = list(toks)[: config.text_len]
+        bad = [t for t in toks if not 0 <= t < config.text_vocab_size]
+        if bad:
+            raise ValueError(f"text token ids {bad[:5]} outside [0, {config.text_vocab_size})")
+        out[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    return out
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DalleConfig):
+        super().__init__()
+        hidden = config.mlp_ratio * config.d_model
+        self.fc = nn.Linear(config.d_model, hidden)
+        self.proj = nn.Linear(hidden, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm residual pair: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: DalleConfig, kind: str):
+        super().__init__()
+        impl = "dense" if config.attention_impl == "dense" else "block"
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = SparseAttention(
+            config.d_model, config.n_heads, kind, config.text_len, config.image_grid,
+            config.conv_kernel, impl, config.block_rows, config.dropout,
+        )
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class DalleOutput:
+    loss: torch.Tensor | None
+    text_loss: torch.Tensor | None
+    image_loss: torch.Tensor | None
+    text_logits: torch.Tensor | None  # (B, text_len - 1, text_vocab + text_len), fp32
+    image_logits: torch.Tensor | None  # (B, image_len, image_vocab), fp32
+
+
+class DALLE(nn.Module):
+    """DALL-E transformer. Pass ``dvae`` to train from raw images (it is frozen)."""
+
+    def __init__(self, config: DalleConfig, dvae: DiscreteVAE | None = None):
+        super().__init__()
+        self.config = c = config
+        self.text_emb = nn.Embedding(c.text_vocab_with_pad, c.d_model)
+        self.text_pos = nn.Embedding(c.text_len, c.d_model)
+        self.image_emb = nn.Embedding(c.image_vocab_size, c.d_model)
+        self.image_row = nn.Embedding(c.image_grid, c.d_model)
+        self.image_col = nn.Embedding(c.image_grid, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, kind) for kind in layer_schedule(c.n_layers))
+        self.ln_f = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        if not c.tie_embeddings:
+            self.text_head = nn.Linear(c.d_model, c.text_vocab_with_pad, bias=False)
+            self.image_head = nn.Linear(c.d_model, c.image_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual output projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=c.init_std / math.sqrt(2 * c.n_layers))
+        self.dvae = None
+        if dvae is not None:
+            self.set_dvae(dvae)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_dvae(self, dvae: DiscreteVAE) -> None:
+        """Attach a frozen dVAE so ``forward`` accepts raw images."""
+        if dvae.config.grid_size != self.config.image_grid:
+            raise ValueError(
+                f"dVAE grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}")
+        if dvae.config.codebook_size != self.config.image_vocab_size:
+            raise ValueError(f"dVAE codebook {dvae.config.codebook_size} != "
+                             f"DalleConfig.image_vocab_size={self.config.image_vocab_size}")
+        dvae.requires_grad_(False).eval()
+        self.dvae = dvae
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.dvae is not None:
+            self.dvae.eval()  # frozen tokenizer: never in training mode
+        return self
+
+    def _unembed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.tie_embeddings:
+            return self.text_emb.weight, self.image_emb.weight
+        return self.text_head.weight, self.image_head.weight
+
+    def embed(self, text: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+        """text (B, T) ids incl. padding ids, image_codes (B, L <= N) -> (B, T + L, d_model)."""
+        c = self.config
+        B, T = text.shape
+        if T != c.text_len:
+            raise ValueError(f"text has {T} positions, model built for text_len={c.text_len}")
+        L = image_codes.shape[1]
+        pos = torch.arange(L, device=image_codes.device)
+        h_text = self.text_emb(text) + self.text_pos.weight[None]
+        h_img = self.image_emb(image_codes) + self.image_row(pos // c.image_grid) + self.image_col(pos % c.image_grid)
+        return self.drop(torch.cat([h_text, h_img], dim=1))
+
+    def forward(self, text: torch.Tensor, image_codes: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, return_logits: bool = False) -> DalleOutput:
+        """text: (B, text_len) ids; image_codes: (B, grid, grid) or (B, grid**2); or images (B, 3, H, W)."""
+        c = self.config
+        if (image_codes is None) == (images is None):
+            raise ValueError("pass exactly one of image_codes and images")
+        if images is not None:
+            if self.dvae is None:
+                raise ValueError("forward(images=...) needs a dVAE: DALLE(config, dvae=...) or set_dvae()")
+            image_codes = self.dvae.encode(images)
+        image_codes = image_codes.reshape(image_codes.shape[0], -1).long()
+        if image_codes.shape[1] != c.image_len:
+            raise ValueError(f"image_codes has {image_codes.shape[1]} tokens, expected image_grid**2={c.image_len}")
+        if text.min() < 0 or text.max() >= c.text_vocab_with_pad:
+            raise ValueError(f"text ids must lie in [0, {c.text_vocab_with_pad}) (vocab + per-position pads)")
+        if image_codes.min() < 0 or image_codes.max() >= c.image_vocab_size:
+            raise ValueError(f"image codes must lie in [0, {c.image_vocab_size})")
+
+        h = self.embed(text, image_codes)
+        for block in self.blocks:
+            h = block(h)
+        h = self.ln_f(h)
+
+        T = c.text_len
+        w_text, w_image = self._unembed_weights()
+        # (B, T-1, V_text) and (B, N, V_image); the last position predicts nothing.
+        text_logits = F.linear(h[:, : T - 1].float(), w_text.float())
+        image_logits = F.linear(h[:, T - 1 : -1].float(), w_image.float())
+        text_loss = F.cross_entropy(text_logits.transpose(1, 2), text[:, 1:])
+        image_loss = F.cross_entropy(image_logits.transpose(1, 2), image_codes)
+        loss = c.text_loss_weight * text_loss + (1 - c.text_loss_weight) * image_loss
+        if return_logits:
+            return DalleOutput(loss, text_loss, image_loss, text_logits, image_logits)
+        return DalleOutput(loss, text_loss, image_loss, None, None)

@@ -1,0 +1,34 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dalle-ds",
+    version="0.1.0",
+    description="Train DALL-E-style text-to-image models at scale with DeepSpeed",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        # DeepSpeed internals we hook into were checked against this range (DESIGN.md section 9).
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=4.40",
+        "tokenizers>=0.19",
+        "datasets>=2.19",
+        "pillow>=10.0",
+        "accelerate>=0.30",
+        "pyyaml>=6.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # OpenAI's dall_e reference classes are installed with --no-deps (see scripts/test.sh):
+        # its declared torchvision dependency breaks beside a CPU torch. These are its real needs.
+        "test": ["pytest>=8", "attrs", "requests", "ruff"],
+    },
+)

@@ -5,6 +5,7 @@ from .config import PRESETS, ConfigError, DalleConfig, DVAEConfig, get_preset, l
 from .dalle import DALLE, DalleOutput, pad_text
 from .dvae import Decoder, DiscreteVAE, Encoder, map_pixels, unmap_pixels
 from .masks import attention_mask, layer_schedule
+from .serialization import load_dvae, load_model, save_model
 
 __version__ = "0.1.0"
 
@@ -25,9 +26,12 @@ __all__ = [
     "get_preset",
     "layer_schedule",
     "load_config",
+    "load_dvae",
+    "load_model",
     "map_pixels",
     "pad_text",
     "save_config",
+    "save_model",
     "sparse_attention",
     "unmap_pixels",
 ]

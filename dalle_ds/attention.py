@@ -56,8 +56,9 @@ def _lookback_rows(kind: str, conv_kernel: int) -> int:
     return {"row": 1, "column": 0, "conv": conv_kernel // 2}[kind]
 
 
-def _block_mask(kind: str, text_len: int, grid_size: int, conv_kernel: int, rows: int,
-                heads: int, device) -> torch.Tensor:
+def _block_mask(
+    kind: str, text_len: int, grid_size: int, conv_kernel: int, rows: int, heads: int, device
+) -> torch.Tensor:
     """Bool (1, heads * n_blocks, rows * W, text_len + (rows + look) * W) mask of the block layout."""
     w, look = grid_size, _lookback_rows(kind, conv_kernel)
     n_blocks = grid_size // rows
@@ -77,8 +78,7 @@ def _block_mask(kind: str, text_len: int, grid_size: int, conv_kernel: int, rows
     return mask.unsqueeze(0).expand(heads, -1, -1, -1).reshape(1, heads * n_blocks, *mask.shape[1:])
 
 
-def block_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11,
-                    block_rows: int = 2):
+def block_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11, block_rows: int = 2):
     """Block-sparse DALL-E attention. q, k, v: (B, H, n, d) with n = text_len + grid**2."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {ATTENTION_KINDS}")
@@ -126,8 +126,9 @@ def block_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kern
     return torch.cat([ot, oi], dim=2)
 
 
-def sparse_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11,
-                     impl: str = "block", block_rows: int = 2):
+def sparse_attention(
+    q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11, impl: str = "block", block_rows: int = 2
+):
     """Dispatch to an implementation; 'block' falls back to 'dense' for partial sequences."""
     if impl == "block" and q.shape[-2] == text_len + grid_size**2:
         return block_attention(q, k, v, kind, text_len, grid_size, conv_kernel, block_rows)
@@ -139,8 +140,18 @@ def sparse_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_ker
 class SparseAttention(nn.Module):
     """Multi-head self-attention with one of the DALL-E masks (row, column or conv)."""
 
-    def __init__(self, d_model: int, n_heads: int, kind: str, text_len: int, grid_size: int,
-                 conv_kernel: int = 11, impl: str = "block", block_rows: int = 2, dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        kind: str,
+        text_len: int,
+        grid_size: int,
+        conv_kernel: int = 11,
+        impl: str = "block",
+        block_rows: int = 2,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"kind={kind!r}: must be one of {ATTENTION_KINDS}")
@@ -156,8 +167,9 @@ class SparseAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, n, D = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = sparse_attention(q, k, v, self.kind, self.text_len, self.grid_size, self.conv_kernel,
-                             self.impl, self.block_rows)  # (B, H, n, hd)
+        y = sparse_attention(
+            q, k, v, self.kind, self.text_len, self.grid_size, self.conv_kernel, self.impl, self.block_rows
+        )  # (B, H, n, hd)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, n, D)))
 
     def extra_repr(self) -> str:

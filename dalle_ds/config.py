@@ -51,9 +51,7 @@ class _ConfigBase:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(
-                f"{source}: unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}"
-            )
+            raise ConfigError(f"{source}: unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -100,14 +98,20 @@ class DVAEConfig(_ConfigBase):
         _require(self.channels >= 1, c, "channels", self.channels, "must be positive")
         _require(self.codebook_size >= 2, c, "codebook_size", self.codebook_size, "must be >= 2")
         _require(
-            self.n_hid >= 4 and self.n_hid % 4 == 0, c, "n_hid", self.n_hid,
+            self.n_hid >= 4 and self.n_hid % 4 == 0,
+            c,
+            "n_hid",
+            self.n_hid,
             "must be a positive multiple of 4 (blocks use n_out/4 hidden channels)",
         )
         _require(self.n_init >= 1, c, "n_init", self.n_init, "must be positive")
         _require(self.n_blk_per_group >= 1, c, "n_blk_per_group", self.n_blk_per_group, "must be >= 1")
         _require(self.group_count >= 1, c, "group_count", self.group_count, "must be >= 1")
         _require(
-            self.image_size % self.downsample == 0, c, "image_size", self.image_size,
+            self.image_size % self.downsample == 0,
+            c,
+            "image_size",
+            self.image_size,
             f"must be divisible by the downsampling factor {self.downsample} (group_count={self.group_count})",
         )
 
@@ -161,27 +165,48 @@ class DalleConfig(_ConfigBase):
 
     def __post_init__(self):
         c = type(self)
-        for name in ("text_len", "text_vocab_size", "image_grid", "image_vocab_size", "d_model",
-                     "n_layers", "n_heads", "mlp_ratio", "block_rows"):
+        for name in (
+            "text_len",
+            "text_vocab_size",
+            "image_grid",
+            "image_vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "mlp_ratio",
+            "block_rows",
+        ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, c, name, value, "must be a positive integer")
         _require(self.text_len >= 2, c, "text_len", self.text_len, "must be >= 2")
         _require(
-            self.d_model % self.n_heads == 0, c, "d_model", self.d_model,
+            self.d_model % self.n_heads == 0,
+            c,
+            "d_model",
+            self.d_model,
             f"must be divisible by n_heads={self.n_heads}",
         )
         _require(
-            self.conv_kernel >= 1 and self.conv_kernel % 2 == 1, c, "conv_kernel", self.conv_kernel,
+            self.conv_kernel >= 1 and self.conv_kernel % 2 == 1,
+            c,
+            "conv_kernel",
+            self.conv_kernel,
             "must be a positive odd integer",
         )
         _require(0.0 <= self.dropout < 1.0, c, "dropout", self.dropout, "must be in [0, 1)")
         _require(
-            0.0 <= self.text_loss_weight <= 1.0, c, "text_loss_weight", self.text_loss_weight,
+            0.0 <= self.text_loss_weight <= 1.0,
+            c,
+            "text_loss_weight",
+            self.text_loss_weight,
             "must be in [0, 1]",
         )
         _require(
-            self.attention_impl in ("auto", "block", "dense"), c, "attention_impl",
-            self.attention_impl, "must be one of 'auto', 'block', 'dense'",
+            self.attention_impl in ("auto", "block", "dense"),
+            c,
+            "attention_impl",
+            self.attention_impl,
+            "must be one of 'auto', 'block', 'dense'",
         )
         _require(self.layer_norm_eps > 0, c, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
         _require(self.init_std > 0, c, "init_std", self.init_std, "must be > 0")
@@ -214,24 +239,38 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     # Small models for CPU tests and demos.
     "dalle-tiny": (
         DalleConfig,
-        {"text_len": 16, "text_vocab_size": 256, "image_grid": 8, "image_vocab_size": 128,
-         "d_model": 128, "n_layers": 4, "n_heads": 4, "conv_kernel": 5},
+        {
+            "text_len": 16,
+            "text_vocab_size": 256,
+            "image_grid": 8,
+            "image_vocab_size": 128,
+            "d_model": 128,
+            "n_layers": 4,
+            "n_heads": 4,
+            "conv_kernel": 5,
+        },
     ),
     "dalle-small": (
         DalleConfig,
-        {"text_len": 32, "text_vocab_size": 1024, "image_grid": 16, "image_vocab_size": 512,
-         "d_model": 256, "n_layers": 8, "n_heads": 8, "conv_kernel": 7},
+        {
+            "text_len": 32,
+            "text_vocab_size": 1024,
+            "image_grid": 16,
+            "image_vocab_size": 512,
+            "d_model": 256,
+            "n_layers": 8,
+            "n_heads": 8,
+            "conv_kernel": 7,
+        },
     ),
     "dvae-paper": (DVAEConfig, {}),
     "dvae-tiny": (
         DVAEConfig,
-        {"image_size": 32, "codebook_size": 128, "n_hid": 32, "n_init": 32,
-         "n_blk_per_group": 1, "group_count": 3},
+        {"image_size": 32, "codebook_size": 128, "n_hid": 32, "n_init": 32, "n_blk_per_group": 1, "group_count": 3},
     ),
     "dvae-small": (
         DVAEConfig,
-        {"image_size": 64, "codebook_size": 512, "n_hid": 64, "n_init": 64,
-         "n_blk_per_group": 1, "group_count": 3},
+        {"image_size": 64, "codebook_size": 512, "n_hid": 64, "n_init": 64, "n_blk_per_group": 1, "group_count": 3},
     ),
 }
 
@@ -255,12 +294,12 @@ _CONFIG_TYPES = {c.kind: c for c in (DVAEConfig, DalleConfig)}
 def load_config(name_or_path: str | Path, **overrides) -> DalleConfig | DVAEConfig:
     """A preset name, or a YAML file written by :func:`save_config` (``model_type`` picks the class)."""
     text = str(name_or_path)
-    if text in PRESETS:
-        cls, values = PRESETS[text]
+    if text in PRESETS or not text.endswith((".yaml", ".yml")):
+        cls, values = _lookup_preset(text)
         return cls.from_dict({**values, **overrides}, source=f"preset {text!r}")
     path = Path(text)
     if not path.is_file():
-        raise ConfigError(f"{text!r} is neither a preset ({sorted(PRESETS)}) nor a YAML file")
+        raise ConfigError(f"config file {text!r} does not exist")
     with open(path) as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):

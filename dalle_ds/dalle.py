@@ -56,8 +56,15 @@ class Block(nn.Module):
         impl = "dense" if config.attention_impl == "dense" else "block"
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = SparseAttention(
-            config.d_model, config.n_heads, kind, config.text_len, config.image_grid,
-            config.conv_kernel, impl, config.block_rows, config.dropout,
+            config.d_model,
+            config.n_heads,
+            kind,
+            config.text_len,
+            config.image_grid,
+            config.conv_kernel,
+            impl,
+            config.block_rows,
+            config.dropout,
         )
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
@@ -110,11 +117,12 @@ class DALLE(nn.Module):
     def set_dvae(self, dvae: DiscreteVAE) -> None:
         """Attach a frozen dVAE so ``forward`` accepts raw images."""
         if dvae.config.grid_size != self.config.image_grid:
-            raise ValueError(
-                f"dVAE grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}")
+            raise ValueError(f"dVAE grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}")
         if dvae.config.codebook_size != self.config.image_vocab_size:
-            raise ValueError(f"dVAE codebook {dvae.config.codebook_size} != "
-                             f"DalleConfig.image_vocab_size={self.config.image_vocab_size}")
+            raise ValueError(
+                f"dVAE codebook {dvae.config.codebook_size} != "
+                f"DalleConfig.image_vocab_size={self.config.image_vocab_size}"
+            )
         dvae.requires_grad_(False).eval()
         self.dvae = dvae
 
@@ -141,8 +149,32 @@ class DALLE(nn.Module):
         h_img = self.image_emb(image_codes) + self.image_row(pos // c.image_grid) + self.image_col(pos % c.image_grid)
         return self.drop(torch.cat([h_text, h_img], dim=1))
 
-    def forward(self, text: torch.Tensor, image_codes: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, return_logits: bool = False) -> DalleOutput:
+    def hidden_states(self, text: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, T + L, d_model) for text and the first L <= N image codes."""
+        h = self.embed(text, image_codes)
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h)
+
+    @torch.no_grad()
+    def next_image_logits(self, text: torch.Tensor, image_prefix: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (B, image_vocab) of image token L given text and the first L codes (L < N).
+
+        Recomputes the whole prefix (no cache): simple and exact, for short demos and tests.
+        """
+        L = image_prefix.shape[1]
+        if L >= self.config.image_len:
+            raise ValueError(f"image_prefix has {L} codes: nothing left to predict (image_len={self.config.image_len})")
+        h = self.hidden_states(text, image_prefix.long())[:, -1]
+        return F.linear(h.float(), self._unembed_weights()[1].float())
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        image_codes: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> DalleOutput:
         """text: (B, text_len) ids; image_codes: (B, grid, grid) or (B, grid**2); or images (B, 3, H, W)."""
         c = self.config
         if (image_codes is None) == (images is None):
@@ -159,11 +191,7 @@ class DALLE(nn.Module):
         if image_codes.min() < 0 or image_codes.max() >= c.image_vocab_size:
             raise ValueError(f"image codes must lie in [0, {c.image_vocab_size})")
 
-        h = self.embed(text, image_codes)
-        for block in self.blocks:
-            h = block(h)
-        h = self.ln_f(h)
-
+        h = self.hidden_states(text, image_codes)
         T = c.text_len
         w_text, w_image = self._unembed_weights()
         # (B, T-1, V_text) and (B, N, V_image); the last position predicts nothing.

@@ -111,8 +111,9 @@ class Encoder(nn.Module):
             if g < c.group_count - 1:
                 group.append(("pool", nn.MaxPool2d(kernel_size=2)))
             blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(("output", nn.Sequential(OrderedDict(
-            [("relu", nn.ReLU()), ("conv", _conv(n_in, c.codebook_size, 1))]))))
+        blocks.append(
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _conv(n_in, c.codebook_size, 1))])))
+        )
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +139,9 @@ class Decoder(nn.Module):
             if g < c.group_count - 1:
                 group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(("output", nn.Sequential(OrderedDict(
-            [("relu", nn.ReLU()), ("conv", _conv(n_in, 2 * c.channels, 1))]))))
+        blocks.append(
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _conv(n_in, 2 * c.channels, 1))])))
+        )
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -169,8 +171,9 @@ class DiscreteVAE(nn.Module):
     def grid_size(self) -> int:
         return self.config.grid_size
 
-    def forward(self, images: torch.Tensor, temperature: float = 1.0, kl_weight: float = 0.0,
-                hard: bool = False) -> DVAEOutput:
+    def forward(
+        self, images: torch.Tensor, temperature: float = 1.0, kl_weight: float = 0.0, hard: bool = False
+    ) -> DVAEOutput:
         """Training step. images: (B, C, H, W) in [0, 1]."""
         _check_input(images, self.config.channels, "DiscreteVAE")
         x = map_pixels(images.float())

@@ -71,8 +71,7 @@ def image_mask(kind: str, grid_size: int, conv_kernel: int = 11, device=None) ->
     return allowed(kind, r[:, None], c[:, None], r[None, :], c[None, :], grid_size, conv_kernel)
 
 
-def attention_mask(kind: str, text_len: int, grid_size: int, conv_kernel: int = 11,
-                   device=None) -> torch.Tensor:
+def attention_mask(kind: str, text_len: int, grid_size: int, conv_kernel: int = 11, device=None) -> torch.Tensor:
     """Full DALL-E mask: bool [n, n], n = text_len + grid_size**2; True = may attend."""
     if text_len < 0 or grid_size < 1:
         raise ValueError(f"text_len={text_len}, grid_size={grid_size}: need text_len >= 0, grid_size >= 1")

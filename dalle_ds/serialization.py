@@ -28,6 +28,7 @@ __all__ = [
     "convert_openai_dvae",
     "load_dvae",
     "load_model",
+    "openai_dvae_state_dict",
     "read_openai_pickle",
     "save_model",
 ]
@@ -57,8 +58,9 @@ def save_model(model: DALLE | DiscreteVAE, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (fp32 kept as stored) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not k.startswith("dvae.")}  # an attached frozen dVAE is saved on its own
+    state = {
+        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("dvae.")
+    }  # an attached frozen dVAE is saved on its own
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     config = json.dumps(model.config.to_dict(), indent=2) + "\n"
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config))
@@ -99,6 +101,7 @@ def load_dvae(directory: str | Path, map_location: str | torch.device = "cpu") -
 
 # --- OpenAI's released dVAE pickles -------------------------------------------------------
 
+
 class _Record:
     """Inert stand-in for a pickled module: keeps the state the pickle gives it, runs nothing."""
 
@@ -107,15 +110,18 @@ class _Record:
 
 
 _RECORD_NAMES = [
-    "dall_e.encoder.Encoder", "dall_e.encoder.EncoderBlock",
-    "dall_e.decoder.Decoder", "dall_e.decoder.DecoderBlock",
+    "dall_e.encoder.Encoder",
+    "dall_e.encoder.EncoderBlock",
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
     "dall_e.utils.Conv2d",
-    "torch.nn.modules.container.Sequential", "torch.nn.modules.activation.ReLU",
-    "torch.nn.modules.pooling.MaxPool2d", "torch.nn.modules.upsampling.Upsample",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.upsampling.Upsample",
     "torch.nn.modules.linear.Identity",
 ]
-_RECORD_TYPES = {name: type(name.rsplit(".", 1)[1], (_Record,), {"__module__": __name__})
-                 for name in _RECORD_NAMES}
+_RECORD_TYPES = {name: type(name.rsplit(".", 1)[1], (_Record,), {"__module__": __name__}) for name in _RECORD_NAMES}
 
 
 def read_openai_pickle(path: str | Path) -> tuple[str, dict[str, int], dict[str, torch.Tensor]]:
@@ -127,48 +133,75 @@ def read_openai_pickle(path: str | Path) -> tuple[str, dict[str, int], dict[str,
     except Exception as err:  # pickle.UnpicklingError and friends, with the offending global named
         raise UnsafeCheckpointError(
             f"{path}: refused to unpickle: it is not a dall_e Encoder/Decoder made of known "
-            f"classes and tensors ({type(err).__name__}: {err})") from err
+            f"classes and tensors ({type(err).__name__}: {err})"
+        ) from err
     kind = type(root).__name__
     if kind not in ("Encoder", "Decoder"):
         raise UnsafeCheckpointError(f"{path}: holds a {type(root).__name__}, expected a dall_e Encoder or Decoder")
-    hparams = {k: getattr(root, k) for k in ("group_count", "n_hid", "n_blk_per_group", "input_channels",
-                                               "output_channels", "vocab_size", "n_init") if hasattr(root, k)}
+    hparams = {
+        k: getattr(root, k)
+        for k in (
+            "group_count",
+            "n_hid",
+            "n_blk_per_group",
+            "input_channels",
+            "output_channels",
+            "vocab_size",
+            "n_init",
+        )
+        if hasattr(root, k)
+    }
     state: dict[str, torch.Tensor] = {}
 
     def walk(node, prefix: str) -> None:
         for name, param in node.__dict__.get("_parameters", {}).items():
             if param is not None:
-                ours = {"w": "weight", "b": "bias"}.get(name, name)
-                state[f"{prefix}{ours}"] = param.detach().float().contiguous()
+                state[f"{prefix}{name}"] = param.detach()
         for name, child in node.__dict__.get("_modules", {}).items():
             if child is not None:
-                # OpenAI's Conv2d wrapper is a leaf: its w/b become ours nn.Conv2d weight/bias
                 walk(child, f"{prefix}{name}.")
 
     walk(root, "")
+    state = openai_dvae_state_dict(state)
     # group_count is a class attribute in dall_e (never pickled): count the groups instead.
     hparams["group_count"] = len({k.split(".")[1] for k in state if k.startswith("blocks.group_")})
     return kind, hparams, state
 
 
-def convert_openai_dvae(encoder_path: str | Path, decoder_path: str | Path,
-                        out_dir: str | Path) -> DiscreteVAE:
+def openai_dvae_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a dall_e Encoder/Decoder state dict to ours: its Conv2d's ``w``/``b`` are our ``weight``/``bias``."""
+    renamed = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        leaf = {"w": "weight", "b": "bias"}.get(leaf, leaf)
+        renamed[f"{prefix}.{leaf}" if prefix else leaf] = value.float().contiguous()
+    return renamed
+
+
+def convert_openai_dvae(encoder_path: str | Path, decoder_path: str | Path, out_dir: str | Path) -> DiscreteVAE:
     """Convert OpenAI's ``encoder.pkl`` + ``decoder.pkl`` into our saved dVAE folder."""
     enc_kind, enc_h, enc_state = read_openai_pickle(encoder_path)
     dec_kind, dec_h, dec_state = read_openai_pickle(decoder_path)
     if (enc_kind, dec_kind) != ("Encoder", "Decoder"):
-        raise UnsafeCheckpointError(f"expected an Encoder and a Decoder, got {enc_kind} ({encoder_path}) "
-                                    f"and {dec_kind} ({decoder_path})")
+        raise UnsafeCheckpointError(
+            f"expected an Encoder and a Decoder, got {enc_kind} ({encoder_path}) and {dec_kind} ({decoder_path})"
+        )
     for key in ("group_count", "n_hid", "n_blk_per_group", "vocab_size"):
         if enc_h.get(key) != dec_h.get(key):
             raise ConfigError(f"encoder {key}={enc_h.get(key)} but decoder {key}={dec_h.get(key)}")
     if enc_h["input_channels"] != dec_h["output_channels"]:
-        raise ConfigError(f"encoder input_channels={enc_h['input_channels']} but decoder "
-                          f"output_channels={dec_h['output_channels']}")
+        raise ConfigError(
+            f"encoder input_channels={enc_h['input_channels']} but decoder output_channels={dec_h['output_channels']}"
+        )
     config = DVAEConfig(
-        image_size=256, channels=enc_h["input_channels"], codebook_size=enc_h["vocab_size"],
-        n_hid=enc_h["n_hid"], n_init=dec_h["n_init"], n_blk_per_group=enc_h["n_blk_per_group"],
-        group_count=enc_h["group_count"])
+        image_size=256,
+        channels=enc_h["input_channels"],
+        codebook_size=enc_h["vocab_size"],
+        n_hid=enc_h["n_hid"],
+        n_init=dec_h["n_init"],
+        n_blk_per_group=enc_h["n_blk_per_group"],
+        group_count=enc_h["group_count"],
+    )
     model = DiscreteVAE(config)
     state = {f"encoder.{k}": v for k, v in enc_state.items()}
     state.update({f"decoder.{k}": v for k, v in dec_state.items()})

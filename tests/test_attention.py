@@ -1,0 +1,101 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dalle_ds import SparseAttention, block_attention, dense_attention
+
+
+def qkv(batch, heads, n, dim, dtype=torch.float32):
+    return [torch.randn(batch, heads, n, dim, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def grads(out, inputs, weight):
+    return torch.autograd.grad((out * weight).sum(), inputs)
+
+
+CASES = [  # (text_len, grid, heads, block_rows)
+    (6, 4, 1, 1),
+    (6, 4, 2, 2),
+    (5, 6, 3, 3),
+    (16, 8, 4, 2),
+    (0, 8, 2, 4),
+    (3, 7, 2, 2),  # 7 has no divisor 2: falls back to 1-row blocks
+    (1, 5, 2, 5),
+]
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+@pytest.mark.parametrize("text_len,grid,heads,block_rows", CASES)
+def test_block_matches_dense_reference(kind, text_len, grid, heads, block_rows):
+    n = text_len + grid * grid
+    q, k, v = qkv(2, heads, n, 16)
+    out_b = block_attention(q, k, v, kind, text_len, grid, conv_kernel=5, block_rows=block_rows)
+    out_d = dense_attention(q, k, v, kind, text_len, grid, conv_kernel=5)
+    torch.testing.assert_close(out_b, out_d, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out_d)
+    for gb, gd in zip(grads(out_b, (q, k, v), w), grads(out_d, (q, k, v), w), strict=True):
+        torch.testing.assert_close(gb, gd, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("conv_kernel", [1, 3, 11])
+def test_conv_kernel_sizes_match_dense(conv_kernel):
+    q, k, v = qkv(1, 2, 4 + 64, 8)
+    torch.testing.assert_close(
+        block_attention(q, k, v, "conv", 4, 8, conv_kernel, block_rows=2),
+        dense_attention(q, k, v, "conv", 4, 8, conv_kernel),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_block_path_never_forms_image_by_image_scores(kind):
+    text_len, grid = 8, 16
+    n_img = grid * grid
+    q, k, v = qkv(1, 2, text_len + n_img, 8)
+    rec = _ShapeRecorder()
+    with rec:
+        out = block_attention(q, k, v, kind, text_len, grid, conv_kernel=5, block_rows=2)
+        out.sum().backward()
+    # An n x n (or image x image) score matrix would have two dims >= the image length.
+    big = [s for s in rec.shapes if sum(d >= n_img for d in s) >= 2]
+    assert not big, f"found score-sized tensors {big[:3]}"
+    # The dense reference does form them: the check can fail.
+    rec = _ShapeRecorder()
+    with rec:
+        dense_attention(q, k, v, kind, text_len, grid, conv_kernel=5)
+    assert any(sum(d >= n_img for d in s) >= 2 for s in rec.shapes)
+
+
+def test_module_impls_agree_and_future_tokens_do_not_leak():
+    torch.manual_seed(1)
+    text_len, grid, d = 4, 6, 32
+    dense = SparseAttention(d, 4, "row", text_len, grid, impl="dense")
+    block = SparseAttention(d, 4, "row", text_len, grid, impl="block", block_rows=3)
+    block.load_state_dict(dense.state_dict())
+    x = torch.randn(2, text_len + grid * grid, d)
+    torch.testing.assert_close(block(x), dense(x), atol=1e-5, rtol=1e-5)
+    y = x.clone()
+    y[:, 20:] = torch.randn_like(y[:, 20:])
+    torch.testing.assert_close(block(y)[:, :20], block(x)[:, :20], atol=1e-6, rtol=0)
+
+
+def test_bad_arguments():
+    q, k, v = qkv(1, 1, 10, 4)
+    with pytest.raises(ValueError, match="full sequence"):
+        block_attention(q, k, v, "row", 2, 4)  # 2 + 16 != 10
+    with pytest.raises(ValueError, match="impl='flash'"):
+        SparseAttention(8, 2, "row", 2, 4, impl="flash")

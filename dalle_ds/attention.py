@@ -16,6 +16,8 @@ Both compute the same function (see :mod:`dalle_ds.masks` for the masks):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,84 +48,240 @@ def dense_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kern
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:n, :n])
 
 
-def _block_rows(grid_size: int, block_rows: int) -> int:
-    """Largest divisor of grid_size that is <= block_rows."""
-    return max(r for r in range(1, min(block_rows, grid_size) + 1) if grid_size % r == 0)
+@dataclass(frozen=True)
+class TilePlan:
+    """How image queries are cut into tiles and which image keys (a window) each tile reads.
+
+    Tiles are ``rows x cols`` rectangles of the image grid (the transposed grid's rows for
+    ``column`` layers); the window of a tile covers every key any of its queries may see.
+    Window positions outside the image are clamped to a valid index and masked out.
+    """
+
+    n_tiles: int
+    q_len: int  # queries per tile
+    k_len: int  # window keys per tile
+    q_index: torch.Tensor | None  # (n_tiles * q_len,) raster index of each query in tile order; None = raster
+    q_inverse: torch.Tensor | None  # tile order -> raster order
+    k_index: torch.Tensor  # (n_tiles * k_len,) raster index of each window key
+    allowed: torch.Tensor | None  # bool (n_tiles, q_len, k_len); None when the tile is plain causal
+    causal: bool
 
 
-def _lookback_rows(kind: str, conv_kernel: int) -> int:
-    """Image rows above a block that its queries can see (in the possibly transposed grid)."""
-    return {"row": 1, "column": 0, "conv": conv_kernel // 2}[kind]
+def _divisor_at_most(n: int, limit: int) -> int:
+    return max(r for r in range(1, min(limit, n) + 1) if n % r == 0)
 
 
-def _block_mask(
-    kind: str, text_len: int, grid_size: int, conv_kernel: int, rows: int, heads: int, device
-) -> torch.Tensor:
-    """Bool (1, heads * n_blocks, rows * W, text_len + (rows + look) * W) mask of the block layout."""
-    w, look = grid_size, _lookback_rows(kind, conv_kernel)
-    n_blocks = grid_size // rows
-    b = torch.arange(n_blocks, device=device)[:, None, None, None, None]
-    qi = torch.arange(rows, device=device)[None, :, None, None, None]  # query row in block
-    qc = torch.arange(w, device=device)[None, None, :, None, None]
-    kj = torch.arange(rows + look, device=device)[None, None, None, :, None]  # key row in window
-    kc = torch.arange(w, device=device)[None, None, None, None, :]
-    rq, rk = b * rows + qi, b * rows - look + kj  # rows in the (transposed) grid
-    if kind == "column":  # blocks run over the transposed grid: swap back to image coordinates
-        img = allowed(kind, qc, rq, kc, rk, w, conv_kernel) & (rk >= 0)
-    else:
-        img = allowed(kind, rq, qc, rk, kc, w, conv_kernel)
-    img = img.reshape(n_blocks, rows * w, (rows + look) * w)
-    text = torch.ones(n_blocks, rows * w, text_len, dtype=torch.bool, device=device)
-    mask = torch.cat([text, img], dim=-1)  # (n_blocks, R*W, S)
-    return mask.unsqueeze(0).expand(heads, -1, -1, -1).reshape(1, heads * n_blocks, *mask.shape[1:])
+def tile_plan(
+    kind: str, grid_size: int, conv_kernel: int = 11, block_rows: int = 2, conv_cols: int = 0, device=None
+) -> TilePlan:
+    """The tiling each layer kind uses (see the module docstring)."""
+    W = grid_size
+    if kind == "column":
+        # One (transposed) column per tile: same-column keys in the same order, i.e. plain causal.
+        r, c = torch.meshgrid(torch.arange(W, device=device), torch.arange(W, device=device), indexing="ij")
+        q_index = (r * W + c).t().flatten()  # column-major raster indices
+        return TilePlan(W, W, W, q_index, torch.argsort(q_index), q_index, None, True)
+    if kind not in ("row", "conv"):
+        raise ValueError(f"kind={kind!r}: must be one of {ATTENTION_KINDS}")
+    h = conv_kernel // 2 if kind == "conv" else 0
+    look = h if kind == "conv" else 1  # rows above a tile its queries can see
+    R = _divisor_at_most(W, block_rows)
+    # Narrow conv tiles read fewer keys but the CPU kernel runs small tiles slowly: full rows
+    # (conv_cols=0) measured fastest at the paper's size (scripts/bench_attention.py).
+    C = _divisor_at_most(W, conv_cols) if kind == "conv" and conv_cols > 0 else W
+    nr, nc = W // R, W // C
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    # Query coordinates (tile, query-in-tile) and window coordinates (tile, key-in-window).
+    tr, tc = ar(nr).repeat_interleave(nc), ar(nc).repeat(nr)  # tile row / col index
+    qr = tr[:, None] * R + ar(R).repeat_interleave(C)[None, :]
+    qc = tc[:, None] * C + ar(C).repeat(R)[None, :]
+    kw = C + 2 * h if kind == "conv" else W
+    kr = tr[:, None] * R - look + ar(R + look).repeat_interleave(kw)[None, :]
+    kc = tc[:, None] * C - (h if kind == "conv" else 0) + ar(kw).repeat(R + look)[None, :]
+    valid = (kr >= 0) & (kc >= 0) & (kc < W)
+    ok = valid[:, None, :] & allowed(
+        kind, qr[:, :, None], qc[:, :, None], kr[:, None, :], kc[:, None, :], W, conv_kernel
+    )
+    q_index = (qr * W + qc).flatten()
+    identity = nc == 1  # full-row tiles are already in raster order
+    k_index = (kr.clamp(min=0) * W + kc.clamp(0, W - 1)).flatten()
+    return TilePlan(
+        nr * nc,
+        R * C,
+        (R + look) * kw,
+        None if identity else q_index,
+        None if identity else torch.argsort(q_index),
+        k_index,
+        ok,
+        False,
+    )
 
 
-def block_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11, block_rows: int = 2):
-    """Block-sparse DALL-E attention. q, k, v: (B, H, n, d) with n = text_len + grid**2."""
+def _has_cpu_flash() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+def _tiles_in_batch(x, n_tiles: int):
+    """(B, H, N, d) -> (B * n_tiles, H, N / n_tiles, d): consecutive queries become batch entries.
+
+    A view when ``x`` is laid out as (B, N, H, d) in memory, which is how the CPU flash kernel
+    reads and writes its tensors; otherwise one copy.
+    """
+    B, H, N = x.shape[:3]
+    return x.transpose(1, 2).reshape(B * n_tiles, N // n_tiles, H, *x.shape[3:]).transpose(1, 2)
+
+
+def _tiles_out_of_batch(x, batch: int):
+    """Inverse of :func:`_tiles_in_batch`: (B * n_tiles, H, L, ...) -> (B, H, n_tiles * L, ...)."""
+    H = x.shape[1]
+    return x.transpose(1, 2).reshape(batch, -1, H, *x.shape[3:]).transpose(1, 2)
+
+
+def _positions(x, index):
+    """Select positions (dim 2 of (B, H, N, d)) and return them (B, H, len(index), d) in (B, L, H, d) memory."""
+    return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
+
+
+class _SplitSoftmaxImageAttention(torch.autograd.Function):
+    """Image queries over [all text keys] + [their tile's image window] in one softmax.
+
+    The two key sets run as separate flash-attention calls (PyTorch's CPU kernel, which also
+    returns the log-sum-exp) and are merged exactly through their log-sum-exps, so text keys are
+    never copied per tile. Backward reruns the kernel's backward for each part with the merged
+    output and log-sum-exp, which yields the exact gradient of the joint softmax. Tiles ride in
+    the batch dimension so the kernel's tensors keep their (B, L, H, d) memory layout.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kt, vt, kw, vw, bias, causal: bool, n_tiles: int):
+        # q: (B, H, N, d) image queries in tile order; kt, vt: (B, H, T, d);
+        # kw, vw: (B * n_tiles, H, S_w, d) windows; bias: additive (B * n_tiles, 1, L, S_w) or None.
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        B = q.shape[0]
+        ow, lw = flash(_tiles_in_batch(q, n_tiles), kw, vw, 0.0, causal, attn_mask=bias)
+        ow, lw = _tiles_out_of_batch(ow, B), _tiles_out_of_batch(lw, B)  # (B, H, N, d), (B, H, N)
+        if kt.shape[2]:
+            ot, lt = flash(q, kt, vt, 0.0, False)
+            # Merge in (B, N, H) order, the kernel's memory layout.
+            ot, lt, ow, lw = ot.transpose(1, 2), lt.transpose(1, 2), ow.transpose(1, 2), lw.transpose(1, 2)
+            lse = torch.logaddexp(lt, lw)
+            o = ot * torch.exp(lt - lse).unsqueeze(-1) + ow * torch.exp(lw - lse).unsqueeze(-1)
+            o, lse = o.transpose(1, 2), lse.transpose(1, 2)
+        else:
+            o, lse = ow, lw
+        ctx.save_for_backward(q, kt, vt, kw, vw, o, lse)
+        ctx.bias, ctx.causal, ctx.n_tiles = bias, causal, n_tiles
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, kt, vt, kw, vw, o, lse = ctx.saved_tensors
+        B, nt = q.shape[0], ctx.n_tiles
+        grad = grad.transpose(1, 2).contiguous().transpose(1, 2)  # no copy when already (B, N, H, d)
+        dq, dkw, dvw = backward(
+            _tiles_in_batch(grad, nt),
+            _tiles_in_batch(q, nt),
+            kw,
+            vw,
+            _tiles_in_batch(o, nt),
+            _tiles_in_batch(lse, nt),
+            0.0,
+            ctx.causal,
+            attn_mask=ctx.bias,
+        )
+        dq = _tiles_out_of_batch(dq, B)
+        if kt.shape[2]:
+            dqt, dkt, dvt = backward(grad, q, kt, vt, o, lse, 0.0, False)
+            dq = dq + dqt
+        else:
+            dkt, dvt = torch.zeros_like(kt), torch.zeros_like(vt)
+        return dq, dkt, dvt, dkw, dvw, None, None, None
+
+
+def _image_attention(qi, ki, vi, kt, vt, plan: TilePlan, fused: bool):
+    """Attention of the image queries (B, H, N, d) over all text keys plus their tile's window."""
+    B, H, N, d = qi.shape
+    nt, L, S = plan.n_tiles, plan.q_len, plan.k_len
+    q = qi if plan.q_index is None else _positions(qi, plan.q_index)  # tile order
+    kw = _tiles_in_batch(_positions(ki, plan.k_index), nt)  # (B * nt, H, S, d)
+    vw = _tiles_in_batch(_positions(vi, plan.k_index), nt)
+    key = (id(plan), B, qi.dtype)
+    if fused:
+        bias = None
+        if not plan.causal:
+            bias = _cached(
+                ("bias",) + key,
+                lambda: (
+                    torch.zeros(plan.allowed.shape, dtype=qi.dtype, device=qi.device)
+                    .masked_fill(~plan.allowed, float("-inf"))
+                    .unsqueeze(1)
+                    .repeat(B, 1, 1, 1)
+                ),
+            )
+        o = _SplitSoftmaxImageAttention.apply(q, kt, vt, kw, vw, bias, plan.causal, nt)
+    else:  # one SDPA call, text keys copied into every tile
+        T = kt.shape[2]
+
+        def with_text(window, text):  # (B * nt, H, T + S, d)
+            text = text.unsqueeze(1).expand(B, nt, H, T, d).reshape(B * nt, H, T, d)
+            return torch.cat([text, window], dim=2)
+
+        def build_mask():
+            img = plan.allowed if not plan.causal else torch.ones(L, S, dtype=torch.bool, device=qi.device).tril()
+            img = img.expand(nt, L, S)
+            return torch.cat([img.new_ones(nt, L, T), img], dim=-1).unsqueeze(1).repeat(B, 1, 1, 1)
+
+        mask = _cached(("mask", kt.shape[2]) + key, build_mask)
+        o = F.scaled_dot_product_attention(_tiles_in_batch(q, nt), with_text(kw, kt), with_text(vw, vt), attn_mask=mask)
+        o = _tiles_out_of_batch(o, B)
+    return o if plan.q_inverse is None else _positions(o, plan.q_inverse)
+
+
+def block_attention(
+    q,
+    k,
+    v,
+    kind: str,
+    text_len: int,
+    grid_size: int,
+    conv_kernel: int = 11,
+    block_rows: int = 2,
+    conv_cols: int = 0,
+    fused=None,
+):
+    """Block-sparse DALL-E attention. q, k, v: (B, H, n, d) with n = text_len + grid**2.
+
+    ``fused`` picks how image queries combine text keys and their image window: True uses the
+    split-softmax CPU flash kernels (text keys computed once), False one SDPA call with text keys
+    copied into every tile (any device); None chooses True on CPU when the kernels exist.
+    """
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {ATTENTION_KINDS}")
-    B, H, n, d = q.shape
     T, W = text_len, grid_size
-    N = W * W
-    if n != T + N:
-        raise ValueError(f"block attention needs the full sequence: n={n}, text_len + grid**2 = {T + N}")
-    R = _block_rows(W, block_rows)
-    look = _lookback_rows(kind, conv_kernel)
-    nb = W // R
-
-    qt, qi = q.split([T, N], dim=2)
-    kt, ki = k.split([T, N], dim=2)
-    vt, vi = v.split([T, N], dim=2)
-
-    def to_grid(x):  # (B, H, N, d) -> (B, H, W, W, d), rows of the (transposed) grid on dim 2
-        x = x.reshape(B, H, W, W, d)
-        return x.transpose(2, 3) if kind == "column" else x
-
-    def windows(x):  # (B, H, W, W, d) -> (B, H, nb, (R + look) * W, d): rows each block can see
-        if look:
-            x = F.pad(x, (0, 0, 0, 0, look, 0))
-        x = x.unfold(2, R + look, R)  # (B, H, nb, W, d, R + look)
-        return x.permute(0, 1, 2, 5, 3, 4).reshape(B, H, nb, (R + look) * W, d)
-
-    def with_text(x_img, x_text):  # every block also sees all text keys
-        return torch.cat([x_text.unsqueeze(2).expand(B, H, nb, T, d), x_img], dim=3)
-
-    qb = to_grid(qi).reshape(B, H * nb, R * W, d)  # (B, H*nb, R*W, d)
-    kb = with_text(windows(to_grid(ki)), kt).reshape(B, H * nb, -1, d)
-    vb = with_text(windows(to_grid(vi)), vt).reshape(B, H * nb, -1, d)
-    mask = _cached(
-        ("block", kind, T, W, conv_kernel, R, H, q.device),
-        lambda: _block_mask(kind, T, W, conv_kernel, R, H, q.device),
-    )
-    ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B, H*nb, R*W, d)
-    oi = ob.reshape(B, H, W, W, d)
-    if kind == "column":
-        oi = oi.transpose(2, 3)
-    oi = oi.reshape(B, H, N, d)
+    n = q.shape[2]
+    if n != T + W * W:
+        raise ValueError(f"block attention needs the full sequence: n={n}, text_len + grid**2 = {T + W * W}")
+    if fused is None:
+        fused = q.device.type == "cpu" and _has_cpu_flash()
+    plan = _PLAN_CACHE.get((kind, W, conv_kernel, block_rows, conv_cols, q.device))
+    if plan is None:
+        plan = tile_plan(kind, W, conv_kernel, block_rows, conv_cols, q.device)
+        _PLAN_CACHE[(kind, W, conv_kernel, block_rows, conv_cols, q.device)] = plan
+    qt, qi = q.split([T, W * W], dim=2)
+    kt, ki = k.split([T, W * W], dim=2)
+    vt, vi = v.split([T, W * W], dim=2)
+    oi = _image_attention(qi, ki, vi, kt, vt, plan, fused)
     if T == 0:
         return oi
     ot = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-    return torch.cat([ot, oi], dim=2)
+    # Concatenate in (B, n, H, d) memory order so the module's head merge is a free view.
+    return torch.cat([ot.transpose(1, 2), oi.transpose(1, 2)], dim=1).transpose(1, 2)
+
+
+_PLAN_CACHE: dict[tuple, TilePlan] = {}
 
 
 def sparse_attention(

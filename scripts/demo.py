@@ -59,12 +59,16 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
         opt.step()
         if step == 1 or step % 25 == 0:
-            print(f"step {step:4d}  loss {res.loss.item():.4f}  text {res.text_loss.item():.4f}  "
-                  f"image {res.image_loss.item():.4f}")
+            print(
+                f"step {step:4d}  loss {res.loss.item():.4f}  text {res.text_loss.item():.4f}  "
+                f"image {res.image_loss.item():.4f}"
+            )
     model.eval()
     recalled = (greedy_codes(model, text) == codes).float().mean().item()
-    print(f"greedy decoding from the caption alone reproduces {100 * recalled:.1f}% of image tokens "
-          f"(chance {100 / cfg.image_vocab_size:.1f}%)")
+    print(
+        f"greedy decoding from the caption alone reproduces {100 * recalled:.1f}% of image tokens "
+        f"(chance {100 / cfg.image_vocab_size:.1f}%)"
+    )
     print(f"done in {time.time() - start:.1f}s; masks in {out / 'masks'}")
     return 0
 

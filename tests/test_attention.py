@@ -24,12 +24,15 @@ CASES = [  # (text_len, grid, heads, block_rows)
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["split-softmax", "gather"])
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
 @pytest.mark.parametrize("text_len,grid,heads,block_rows", CASES)
-def test_block_matches_dense_reference(kind, text_len, grid, heads, block_rows):
+def test_block_matches_dense_reference(kind, text_len, grid, heads, block_rows, fused):
     n = text_len + grid * grid
     q, k, v = qkv(2, heads, n, 16)
-    out_b = block_attention(q, k, v, kind, text_len, grid, conv_kernel=5, block_rows=block_rows)
+    out_b = block_attention(
+        q, k, v, kind, text_len, grid, conv_kernel=5, block_rows=block_rows, conv_cols=block_rows + 1, fused=fused
+    )
     out_d = dense_attention(q, k, v, kind, text_len, grid, conv_kernel=5)
     torch.testing.assert_close(out_b, out_d, atol=1e-5, rtol=1e-5)
     w = torch.randn_like(out_d)
@@ -61,14 +64,15 @@ class _ShapeRecorder(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
-def test_block_path_never_forms_image_by_image_scores(kind):
+def test_block_path_never_forms_image_by_image_scores(kind, fused):
     text_len, grid = 8, 16
     n_img = grid * grid
     q, k, v = qkv(1, 2, text_len + n_img, 8)
     rec = _ShapeRecorder()
     with rec:
-        out = block_attention(q, k, v, kind, text_len, grid, conv_kernel=5, block_rows=2)
+        out = block_attention(q, k, v, kind, text_len, grid, conv_kernel=5, block_rows=2, fused=fused)
         out.sum().backward()
     # An n x n (or image x image) score matrix would have two dims >= the image length.
     big = [s for s in rec.shapes if sum(d >= n_img for d in s) >= 2]

@@ -153,7 +153,9 @@ class DalleConfig(_ConfigBase):
     attention_impl: str = "auto"
     """'block' (sparse blocks, never an n x n score matrix), 'dense' (reference mask) or 'auto'."""
     block_rows: int = 2
-    """Image rows per query block in the block attention implementation."""
+    """Image rows per query tile of row/column layers in the block attention implementation."""
+    conv_block_rows: int = 4
+    """Image rows per query tile of the conv layer (its window reaches conv_kernel // 2 rows up)."""
     tie_embeddings: bool = True
     """Unembed with the token embedding matrices (text and image) transposed."""
     layer_norm_eps: float = 1e-5
@@ -175,6 +177,7 @@ class DalleConfig(_ConfigBase):
             "n_heads",
             "mlp_ratio",
             "block_rows",
+            "conv_block_rows",
         ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, c, name, value, "must be a positive integer")

@@ -63,7 +63,7 @@ class Block(nn.Module):
             config.image_grid,
             config.conv_kernel,
             impl,
-            config.block_rows,
+            config.conv_block_rows if kind == "conv" else config.block_rows,
             config.dropout,
         )
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)

@@ -20,17 +20,20 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
+from dalle_ds import layer_schedule
 from dalle_ds.attention import block_attention, dense_attention
 
 
 def make_fn(impl: str, kind: str, args):
     if impl == "block":
+        rows = args.conv_block_rows if kind == "conv" else args.block_rows
         return lambda q, k, v: block_attention(
-            q, k, v, kind, args.text_len, args.grid, args.conv_kernel, args.block_rows, args.conv_cols
+            q, k, v, kind, args.text_len, args.grid, args.conv_kernel, rows, args.conv_cols
         )
     if impl == "dense":
         return lambda q, k, v: dense_attention(q, k, v, kind, args.text_len, args.grid, args.conv_kernel)
@@ -102,6 +105,8 @@ def child_memory(impl: str, kind: str, args) -> float:
         str(args.block_rows),
         "--conv-cols",
         str(args.conv_cols),
+        "--conv-block-rows",
+        str(args.conv_block_rows),
         "--conv-kernel",
         str(args.conv_kernel),
     ]
@@ -124,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block-rows", type=int, default=2)
+    parser.add_argument("--conv-block-rows", type=int, default=4)
     parser.add_argument("--conv-cols", type=int, default=0, help="conv tile width (0 = full rows)")
     parser.add_argument("--conv-kernel", type=int, default=11)
     parser.add_argument("--kinds", default="row,column,conv")
@@ -148,6 +154,7 @@ def main(argv=None) -> int:
         f"{'causal/block (q1 med q3)':>25}  {'peak MiB block/dense/causal':>28}"
     )
     print(header)
+    medians = {}
     for kind in args.kinds.split(","):
         fns = {impl: make_fn(impl, kind, args) for impl in impls}
         for impl in impls:  # warm-up (and mask caches)
@@ -161,12 +168,20 @@ def main(argv=None) -> int:
                 times[impl].append(time.perf_counter() - t0)
         vs_dense = quartiles([d / b for d, b in zip(times["dense"], times["block"], strict=True)])
         vs_causal = quartiles([c / b for c, b in zip(times["causal"], times["block"], strict=True)])
-        med = {impl: 1000 * statistics.median(ts) for impl, ts in times.items()}
+        med = medians[kind] = {impl: 1000 * statistics.median(ts) for impl, ts in times.items()}
         mem = "-" if args.no_memory else "/".join(f"{child_memory(i, kind, args):.0f}" for i in impls)
         print(
             f"{kind:<7} {med['block']:9.1f} {med['dense']:9.1f} {med['causal']:9.1f}  "
             f"{vs_dense[0]:7.2f} {vs_dense[1]:7.2f} {vs_dense[2]:7.2f}   "
             f"{vs_causal[0]:7.2f} {vs_causal[1]:7.2f} {vs_causal[2]:7.2f}   {mem:>28}"
+        )
+    if set(medians) == {"row", "column", "conv"}:
+        # What a whole model sees: the paper's 64-layer schedule is 47 row, 16 column, 1 conv.
+        counts = Counter(layer_schedule(64))
+        total = {impl: sum(counts[k] * medians[k][impl] for k in counts) for impl in impls}
+        print(
+            f"64-layer schedule ({dict(counts)}): dense/block {total['dense'] / total['block']:.2f}, "
+            f"causal/block {total['causal'] / total['block']:.2f}"
         )
     return 0
 

@@ -168,6 +168,22 @@ class DALLE(nn.Module):
         h = self.hidden_states(text, image_prefix.long())[:, -1]
         return F.linear(h.float(), self._unembed_weights()[1].float())
 
+    @torch.no_grad()
+    def generate(
+        self, text: torch.Tensor, top_k: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Sample image codes (B, N) token by token given padded text (B, text_len); no cache."""
+        codes = torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device)
+        for _ in range(self.config.image_len):
+            logits = self.next_image_logits(text, codes) / max(temperature, 1e-6)
+            if top_k:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = logits.softmax(-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(text.device)
+            codes = torch.cat([codes, nxt], dim=1)
+        return codes
+
     def forward(
         self,
         text: torch.Tensor,

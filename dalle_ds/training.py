@@ -1,0 +1,572 @@
+"""Training loops for the dVAE and the DALL-E transformer on DeepSpeed engines.
+
+Launched with the plain DeepSpeed launcher (``deepspeed [--hostfile H] scripts/train_dalle.py
+--deepspeed_config ds_configs/... --preset ...``). The engine policy comes from the JSON; the
+trainer owns the model, the paper's optimiser and schedules, the data order, checkpoints and logs.
+
+Data order is a pure function of (seed, global sample position): every rank reads a disjoint,
+equally sized slice of a per-epoch permutation, and a resumed run continues at the saved position,
+so resuming neither repeats nor skips samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import DalleConfig, DVAEConfig, load_config, save_config
+from .dalle import DALLE
+from .dvae import DiscreteVAE
+from .engine import (
+    DeepSpeedConfigError,
+    apply_activation_checkpointing,
+    backward,
+    build_engine,
+    cosine,
+    load_ds_config,
+    loss_scale,
+    prepare_ds_config,
+    zero_stage,
+)
+from .serialization import load_dvae, save_model
+from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of
+
+__all__ = ["DVAETrainer", "DalleTrainer", "main_dalle", "main_dvae"]
+
+COMPLETE = "complete.json"  # written into a checkpoint folder once every rank has finished it
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (e.g. non-finite loss); a checkpoint was written first."""
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def base_arg_parser(description: str) -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", required=True, help="model preset name or YAML config")
+    p.add_argument("--data", default="synthetic", help="data source; 'synthetic' = the captioned-shapes set")
+    p.add_argument("--data-size", type=int, default=4096, help="samples per epoch of the synthetic set")
+    p.add_argument("--holdout", type=int, default=0, help="synthetic combinations held out of training")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps to train in all")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="per-rank micro batch (or the JSON's)")
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (or the JSON's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints to keep")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--image-every", type=int, default=0, help="write a PNG grid every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    p.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL rank 1
+    p.add_argument("--fail-in-save", action="store_true", help=argparse.SUPPRESS)  # tests: die mid-save
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+class Trainer:
+    """Shared loop: engine setup, data order, checkpoints, metrics, non-finite guard."""
+
+    model_kind = ""
+
+    def __init__(self, args: argparse.Namespace):
+        import deepspeed
+
+        self.args = args
+        if not args.deepspeed_config:
+            raise DeepSpeedConfigError("--deepspeed_config is required (see ds_configs/)")
+        deepspeed.init_distributed()
+        self.rank, self.world = _rank_world()
+        self.out = Path(args.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        raw = load_ds_config(args.deepspeed_config)
+        self.ds_config = prepare_ds_config(
+            raw,
+            world_size=self.world,
+            micro_batch_size=args.micro_batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            source=str(args.deepspeed_config),
+        )
+        for monitor in ("csv_monitor", "tensorboard"):
+            section = self.ds_config.get(monitor)
+            if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+                section["output_path"] = str(self.out / "monitor")
+        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.global_batch = self.ds_config["train_batch_size"]
+
+        torch.manual_seed(args.seed)  # same initial weights on every rank
+        random.seed(args.seed)
+        self.config = load_config(args.preset)
+        self.model = self.build_model()
+        if self.rank == 0:
+            save_config(self.config, self.out / "model_config.yaml")
+        self.checkpointed = apply_activation_checkpointing(self.model_blocks(), self.ds_config)
+        optimizer, scheduler = self.build_optimizer(self.model)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, self.ds_config, optimizer, scheduler)
+        self.step = 0
+        self.bad_steps = 0
+        self.dataset = self.build_dataset()
+        torch.manual_seed(args.seed * 7919 + self.rank)  # per-rank noise streams (gumbel, dropout)
+        if args.resume:
+            self.resume()  # restores every rank's exact RNG state
+
+    # --- hooks for the concrete trainers -------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def model_blocks(self) -> torch.nn.ModuleList:
+        raise NotImplementedError
+
+    def build_optimizer(self, model):
+        raise NotImplementedError
+
+    def build_dataset(self):
+        raise NotImplementedError
+
+    def adamw(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+        """AdamW; DeepSpeed's CPU Adam when the config offloads optimizer states to CPU (unless the
+        config sets ``zero_force_ds_cpu_optimizer: false``, which allows torch's AdamW there)."""
+        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}) or {}
+        if offload.get("device") == "cpu" and self.ds_config.get("zero_force_ds_cpu_optimizer", True):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(loss, metrics, tokens in the micro batch)."""
+        raise NotImplementedError
+
+    def write_images(self, step: int) -> None:
+        pass
+
+    def after_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- data ----------------------------------------------------------------------------
+    def indices(self, micro_step: int) -> list[int]:
+        """Dataset indices of this rank's micro batch number ``micro_step`` (global count)."""
+        n = len(self.dataset)
+        start = (micro_step * self.world + self.rank) * self.micro
+        out = []
+        for pos in range(start, start + self.micro):
+            epoch, offset = divmod(pos, n)
+            if offset == 0 or not hasattr(self, "_perm") or self._perm[0] != epoch:
+                g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+                self._perm = (epoch, torch.randperm(n, generator=g))
+            out.append(int(self._perm[1][offset]))
+        return out
+
+    def batch(self, micro_step: int) -> dict:
+        items = [self.dataset[i] for i in self.indices(micro_step)]
+        return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def save(self) -> None:
+        tag = f"step{self.step:08d}"
+        client = {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "world_size": self.world,
+            "model_config": self.config.to_dict(),
+            "samples_seen": self.step * self.global_batch,
+        }
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        torch.save(rng, self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            torch.save(self.extra_state(), self.ckpt_dir / tag / "trainer_state.pt")
+        if self.args.fail_in_save and self.rank == 1:
+            os.kill(os.getpid(), 9)  # die after writing, before the checkpoint is marked complete
+        _barrier()
+        if self.rank == 0:
+            _atomic_write_text(self.ckpt_dir / tag / COMPLETE, json.dumps(client) + "\n")
+            _atomic_write_text(self.ckpt_dir / "latest", tag)
+            complete = sorted(p for p in self.ckpt_dir.glob("step*") if (p / COMPLETE).exists())
+            for old in complete[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def latest_complete_tag(self) -> str | None:
+        latest = self.ckpt_dir / "latest"
+        if latest.exists():
+            tag = latest.read_text().strip()
+            if (self.ckpt_dir / tag / COMPLETE).exists():
+                return tag
+        complete = sorted(p.name for p in self.ckpt_dir.glob("step*") if (p / COMPLETE).exists())
+        return complete[-1] if complete else None
+
+    def resume(self) -> None:
+        tag = self.latest_complete_tag()
+        if tag is None:
+            self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from scratch")
+            return
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if client["world_size"] != self.world:
+            self.log(f"resuming {tag} written by {client['world_size']} ranks on {self.world}: data order changes")
+        self.step, self.bad_steps = client["step"], client["bad_steps"]
+        rng_path = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
+        if rng_path.exists():
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_python_state(rng["python"]))
+        state_path = self.ckpt_dir / tag / "trainer_state.pt"
+        if state_path.exists():
+            self.load_extra_state(torch.load(state_path, weights_only=True))
+        if self.rank == 0:  # metrics past the checkpoint belong to the dead run: drop them
+            metrics = self.out / "metrics.jsonl"
+            if metrics.exists():
+                keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+                _atomic_write_text(metrics, "".join(f"{ln}\n" for ln in keep))
+        self.log(f"resumed from {tag} (step {self.step})")
+
+    def export(self) -> Path:
+        """Consolidated fp32 weights as ``<output>/final`` (config.json + model.safetensors)."""
+        final = self.out / "final"
+        if zero_stage(self.ds_config) == 0:
+            state = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = None
+            if self.rank == 0:
+                state = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=self.latest_complete_tag())
+        if self.rank == 0:
+            model = type(self.model)(self.config)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            unexpected = [k for k in unexpected if not k.startswith("dvae.")]
+            if [k for k in missing if not k.startswith("dvae.")] or unexpected:
+                raise RuntimeError(f"export: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            save_model(model, final)
+        _barrier()
+        return final
+
+    # --- loop ----------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[dalle-ds] {msg}", flush=True)
+
+    def run(self) -> None:
+        args = self.args
+        bar = None
+        if self.rank == 0 and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=args.steps, initial=self.step, desc=self.model_kind, dynamic_ncols=True)
+        metrics_path = self.out / "metrics.jsonl"
+        self.engine.train()
+        while self.step < args.steps:
+            t0 = time.perf_counter()
+            totals: dict[str, float] = {}
+            tokens = 0
+            for m in range(self.accum):
+                batch = self.batch(self.step * self.accum + m)
+                loss, metrics, n_tok = self.compute_loss(batch)
+                backward(self.engine, loss)
+                self.engine.step()
+                tokens += n_tok
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / self.accum
+            self.step += 1
+            self.after_step()
+            if args.fail_at_step is not None and self.step == args.fail_at_step and self.rank == 1:
+                os.kill(os.getpid(), 9)
+            loss_value = totals["loss"]
+            self.bad_steps = 0 if math.isfinite(loss_value) else self.bad_steps + 1
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": self.step,
+                **{k: round(v, 6) for k, v in totals.items()},
+                "lr": self.scheduler.get_last_lr()[0] if self.scheduler else None,
+                "loss_scale": loss_scale(self.engine),
+                "skipped_steps": self.engine.skipped_steps,
+                "tokens_per_s": round(tokens * self.world / elapsed, 1),
+            }
+            if self.rank == 0:
+                if self.step % args.log_every == 0 or self.step == args.steps:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if self.engine.monitor.enabled:
+                    self.engine.monitor.write_events(
+                        [(f"Train/{k}", v, self.step) for k, v in record.items() if isinstance(v, float)]
+                    )
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{loss_value:.4f}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                        scale=record["loss_scale"],
+                        skipped=record["skipped_steps"],
+                    )
+            if self.bad_steps >= args.max_bad_steps:
+                self.save()
+                raise TrainingStopped(
+                    f"loss was non-finite for {self.bad_steps} consecutive steps (last {loss_value}) at step "
+                    f"{self.step}; stopped and saved {self.ckpt_dir}/step{self.step:08d}. Lower the learning "
+                    f"rate or check the data, then --resume."
+                )
+            if args.save_every and self.step % args.save_every == 0 and self.step < args.steps:
+                self.save()
+            if args.image_every and self.step % args.image_every == 0 and self.rank == 0:
+                self.write_images(self.step)
+        if bar is not None:
+            bar.close()
+        if self.latest_complete_tag() != f"step{self.step:08d}":
+            self.save()
+        final = self.export()
+        if self.rank == 0:
+            self.write_images(self.step)
+        self.log(f"done: {self.step} steps; weights in {final}")
+
+
+def _as_python_state(state):
+    """random.setstate needs tuples; a saved state may come back with lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+# ----------------------------------------------------------------------------------------
+class DVAETrainer(Trainer):
+    """The paper's dVAE recipe, schedules scaled to the run: tau 1 -> 1/16 and KL weight 0 -> 6.6
+    (cosine), LR cosine, AdamW(0.9, 0.999, 1e-8, wd 1e-4), optional EMA of the weights."""
+
+    model_kind = "dvae"
+
+    def build_model(self):
+        if not isinstance(self.config, DVAEConfig):
+            raise DeepSpeedConfigError(f"--preset {self.args.preset} is not a dVAE config")
+        if self.args.ema and zero_stage(self.ds_config) == 3:
+            raise DeepSpeedConfigError("--ema needs whole parameters on every rank: use ZeRO stage 0-2 for the dVAE")
+        model = DiscreteVAE(self.config)
+        self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if self.args.ema else None
+        return model
+
+    def model_blocks(self):
+        return torch.nn.ModuleList()
+
+    def build_optimizer(self, model):
+        a = self.args
+        lr = a.lr if a.lr is not None else 1e-4
+        opt = self.adamw(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.steps, 1.0, a.lr_end / lr))
+        return opt, sched
+
+    def build_dataset(self):
+        return SyntheticShapes(self.args.data_size, self.config.image_size, seed=self.args.seed)
+
+    def schedules(self) -> tuple[float, float]:
+        a = self.args
+        tau_steps = a.temperature_steps or a.steps
+        kl_steps = a.kl_steps or max(1, a.steps // 30)
+        return (
+            cosine(self.step, tau_steps, a.temperature_start, a.temperature_end),
+            cosine(self.step, kl_steps, 0.0, a.kl_weight),
+        )
+
+    def compute_loss(self, batch):
+        tau, beta = self.schedules()
+        out = self.engine(batch["image"], temperature=tau, kl_weight=beta)
+        codes = out.logits.argmax(1)
+        usage = codes.unique().numel() / self.config.codebook_size
+        metrics = {
+            "loss": out.loss.item(),
+            "recon_nll": out.recon_nll.item(),
+            "kl": out.kl.item(),
+            "mse": F.mse_loss(out.reconstruction, batch["image"].float()).item(),
+            "temperature": tau,
+            "kl_weight": beta,
+            "codebook_usage": usage,
+        }
+        return out.loss, metrics, codes.numel()
+
+    def after_step(self):
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.engine.module.state_dict().items():
+                    self.ema[k].mul_(self.args.ema_decay).add_(v.float(), alpha=1 - self.args.ema_decay)
+
+    def export(self):
+        final = super().export()
+        if self.ema is not None and self.rank == 0:
+            model = DiscreteVAE(self.config)
+            model.load_state_dict(self.ema)
+            save_model(model, self.out / "final_ema")
+        return final
+
+    def extra_state(self):
+        return {"ema": self.ema} if self.ema is not None else {}
+
+    def load_extra_state(self, state):
+        if self.ema is not None and "ema" in state:
+            self.ema = state["ema"]
+
+    def write_images(self, step: int) -> None:
+        from .images import save_grid
+
+        items = [self.dataset[i] for i in range(min(8, len(self.dataset)))]
+        x = torch.stack([it["image"] for it in items])
+        module = self.engine.module
+        with torch.no_grad():
+            recon = module.decode(module.encode(x))
+        save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(items))
+
+
+class DalleTrainer(Trainer):
+    """The paper's transformer recipe: AdamW(0.9, 0.96, 1e-8, wd 4.5e-2, none on gains, biases and
+    embeddings), linear warmup then cosine decay, clipping from the JSON (``gradient_clipping``)."""
+
+    model_kind = "dalle"
+
+    def build_model(self):
+        if not isinstance(self.config, DalleConfig):
+            raise DeepSpeedConfigError(f"--preset {self.args.preset} is not a DALL-E config")
+        if not self.args.dvae:
+            raise DeepSpeedConfigError("--dvae DIR (a trained dVAE folder) is required to turn images into codes")
+        self.dvae = load_dvae(self.args.dvae)
+        self.tokenizer = self._tokenizer()
+        if zero_stage(self.ds_config) == 3:
+            import deepspeed
+
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                model = DALLE(self.config)
+        else:
+            model = DALLE(self.config)
+        model.set_dvae(self.dvae)
+        return model
+
+    def _tokenizer(self):
+        from .text import load_tokenizer, train_tokenizer
+
+        path = self.out / "tokenizer.json"
+        if self.args.tokenizer:
+            return load_tokenizer(self.args.tokenizer)
+        if self.rank == 0 and not path.exists():
+            train_tokenizer([caption_of(c) for c in ALL_COMBOS], self.config.text_vocab_size, path)
+        _barrier()
+        return load_tokenizer(path)
+
+    def model_blocks(self):
+        return self.model.blocks
+
+    def build_optimizer(self, model):
+        from .engine import param_groups
+
+        a = self.args
+        lr = a.lr if a.lr is not None else 4.5e-4
+        opt = self.adamw(param_groups(model, 4.5e-2), lr=lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2)
+        warmup = a.warmup_steps if a.warmup_steps is not None else max(1, a.steps // 20)
+
+        def factor(s):
+            return (s + 1) / warmup if s < warmup else cosine(s - warmup, a.steps - warmup, 1.0, 0.1)
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def build_dataset(self):
+        # Held-out combinations (zero-shot evaluation) are a fixed function of the count.
+        self.holdout = random.Random(1234).sample(ALL_COMBOS, self.args.holdout) if self.args.holdout else []
+        if self.rank == 0:
+            _atomic_write_text(self.out / "holdout.json", json.dumps([caption_of(c) for c in self.holdout]) + "\n")
+        return SyntheticShapes(
+            self.args.data_size, self.dvae.config.image_size, seed=self.args.seed, exclude=self.holdout
+        )
+
+    def write_images(self, step: int) -> None:
+        from .images import save_grid
+        from .text import encode_captions
+
+        if zero_stage(self.ds_config) == 3:
+            return  # parameters are partitioned; sample from the exported weights instead
+        captions = [caption_of(c) for c in (self.holdout or ALL_COMBOS[:: len(ALL_COMBOS) // 4])[:4]]
+        text = encode_captions(self.tokenizer, captions, self.config)
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        g = torch.Generator().manual_seed(step)
+        codes = module.generate(text.repeat_interleave(4, 0), top_k=8, generator=g)
+        module.train(was_training)
+        images = self.dvae.decode(codes).float()
+        save_grid(images, self.out / "images" / f"samples_{step:08d}.png", nrow=4)
+        _atomic_write_text(self.out / "images" / f"samples_{step:08d}.txt", "\n".join(captions) + "\n")
+
+    def compute_loss(self, batch):
+        from .text import encode_captions
+
+        text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=self.args.bpe_dropout)
+        out = self.engine(text, images=batch["image"])
+        metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
+        return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len
+
+
+def main_dvae(argv=None) -> int:
+    p = base_arg_parser("Train the discrete VAE (image tokenizer) with DeepSpeed.")
+    p.add_argument("--lr-end", type=float, default=1.25e-6)
+    p.add_argument("--temperature-start", type=float, default=1.0)
+    p.add_argument("--temperature-end", type=float, default=1 / 16)
+    p.add_argument("--temperature-steps", type=int, default=0, help="anneal length (0: the whole run)")
+    p.add_argument("--kl-weight", type=float, default=6.6)
+    p.add_argument("--kl-steps", type=int, default=0, help="KL warm-up length (0: steps / 30)")
+    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (exported as final_ema)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    return _run(DVAETrainer, p.parse_args(argv))
+
+
+def main_dalle(argv=None) -> int:
+    p = base_arg_parser("Train the DALL-E transformer with DeepSpeed.")
+    p.add_argument("--dvae", required=False, help="trained dVAE folder (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train one on the captions)")
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--bpe-dropout", type=float, default=0.1)
+    return _run(DalleTrainer, p.parse_args(argv))
+
+
+def _run(cls, args) -> int:
+    try:
+        cls(args).run()
+    except (DeepSpeedConfigError, TrainingStopped) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0

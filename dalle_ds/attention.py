@@ -168,7 +168,7 @@ class _SplitSoftmaxImageAttention(torch.autograd.Function):
             ot, lt, ow, lw = ot.transpose(1, 2), lt.transpose(1, 2), ow.transpose(1, 2), lw.transpose(1, 2)
             lse = torch.logaddexp(lt, lw)
             o = ot * torch.exp(lt - lse).unsqueeze(-1) + ow * torch.exp(lw - lse).unsqueeze(-1)
-            o, lse = o.transpose(1, 2), lse.transpose(1, 2)
+            o, lse = o.to(q.dtype).transpose(1, 2), lse.transpose(1, 2)  # lse stays fp32, as the kernel's
         else:
             o, lse = ow, lw
         ctx.save_for_backward(q, kt, vt, kw, vw, o, lse)

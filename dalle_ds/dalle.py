@@ -9,8 +9,9 @@ The first text token is given, the last position's output is unused. Logits are 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -74,8 +75,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-@dataclass
-class DalleOutput:
+class DalleOutput(NamedTuple):
+    """Model outputs; a NamedTuple so engines that hook module outputs (ZeRO-3) see the tensors."""
+
     loss: torch.Tensor | None
     text_loss: torch.Tensor | None
     image_loss: torch.Tensor | None
@@ -100,19 +102,26 @@ class DALLE(nn.Module):
         if not c.tie_embeddings:
             self.text_head = nn.Linear(c.d_model, c.text_vocab_with_pad, bias=False)
             self.image_head = nn.Linear(c.d_model, c.image_vocab_size, bias=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual output projections
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, std=c.init_std / math.sqrt(2 * c.n_layers))
+        self.init_weights()
         self.dvae = None
         if dvae is not None:
             self.set_dvae(dvae)
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_weights(self, gather=None) -> None:
+        """N(0, init_std) weights, zero biases; residual output projections (``*.proj``) get
+        std / sqrt(2 n_layers) (GPT-2). Modules are visited one at a time in a fixed order;
+        ``gather(params)`` is a context manager that makes their parameters whole and writable
+        (ZeRO-3 passes ``deepspeed.zero.GatheredParameters``), so results match unsharded init."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            params = list(module.parameters(recurse=False))
+            with gather(params) if gather is not None else contextlib.nullcontext():
+                scale = math.sqrt(2 * self.config.n_layers) if name.endswith("proj") else 1.0
+                nn.init.normal_(module.weight, std=std / scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def set_dvae(self, dvae: DiscreteVAE) -> None:
         """Attach a frozen dVAE so ``forward`` accepts raw images."""
@@ -131,6 +140,11 @@ class DALLE(nn.Module):
         if self.dvae is not None:
             self.dvae.eval()  # frozen tokenizer: never in training mode
         return self
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters this module's forward reads directly although a submodule owns them (the
+        tied unembeddings): parameter-sharding engines (ZeRO-3) must gather them for it."""
+        return [self.text_emb.weight, self.image_emb.weight] if self.config.tie_embeddings else []
 
     def _unembed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.config.tie_embeddings:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -149,8 +149,9 @@ class Decoder(nn.Module):
         return self.blocks(z)
 
 
-@dataclass
-class DVAEOutput:
+class DVAEOutput(NamedTuple):
+    """Model outputs; a NamedTuple so engines that hook module outputs (ZeRO-3) see the tensors."""
+
     loss: torch.Tensor  # ELBO-style loss in nats per pixel dimension
     recon_nll: torch.Tensor  # logit-Laplace NLL, mean per pixel dimension
     kl: torch.Tensor  # KL to uniform, mean per code position

@@ -91,9 +91,14 @@ def base_arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--check-sync",
+        action="store_true",
+        help="at the end, check every rank holds identical parameters (hashes them all)",
+    )
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL rank 1
-    p.add_argument("--fail-in-save", action="store_true", help=argparse.SUPPRESS)  # tests: die mid-save
+    p.add_argument("--fail-in-save", type=int, default=None, help=argparse.SUPPRESS)  # tests: die mid-save
     deepspeed.add_config_arguments(p)
     return p
 
@@ -220,7 +225,7 @@ class Trainer:
         torch.save(rng, self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             torch.save(self.extra_state(), self.ckpt_dir / tag / "trainer_state.pt")
-        if self.args.fail_in_save and self.rank == 1:
+        if self.args.fail_in_save == self.step and self.rank == 1:
             os.kill(os.getpid(), 9)  # die after writing, before the checkpoint is marked complete
         _barrier()
         if self.rank == 0:
@@ -284,6 +289,31 @@ class Trainer:
             save_model(model, final)
         _barrier()
         return final
+
+    def check_sync(self) -> str:
+        """SHA-256 of all trainable parameters (gathered under ZeRO-3), compared across ranks."""
+        import contextlib
+        import hashlib
+
+        import deepspeed
+        import torch.distributed as dist
+
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        gather = (
+            deepspeed.zero.GatheredParameters(params) if zero_stage(self.ds_config) == 3 else contextlib.nullcontext()
+        )
+        digest = hashlib.sha256()
+        with gather:
+            for p in params:
+                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        mine = digest.hexdigest()
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        _atomic_write_text(self.out / f"param_sha256_rank{self.rank}.txt", mine + "\n")
+        if len(set(every)) != 1:
+            raise RuntimeError(f"ranks hold different parameters: {every}")
+        self.log(f"parameters identical on all {self.world} ranks (sha256 {mine[:16]})")
+        return mine
 
     # --- loop ----------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -358,9 +388,17 @@ class Trainer:
         if self.latest_complete_tag() != f"step{self.step:08d}":
             self.save()
         final = self.export()
+        if args.check_sync:
+            self.check_sync()
         if self.rank == 0:
             self.write_images(self.step)
         self.log(f"done: {self.step} steps; weights in {final}")
+
+
+def _lambda_lr(factor):
+    """A scheduler factory: DeepSpeed builds it on the optimizer it actually steps (ZeRO regroups
+    parameters, so a scheduler made on the client optimizer would hold the wrong groups)."""
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _as_python_state(state):
@@ -392,7 +430,7 @@ class DVAETrainer(Trainer):
         a = self.args
         lr = a.lr if a.lr is not None else 1e-4
         opt = self.adamw(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, a.steps, 1.0, a.lr_end / lr))
+        sched = _lambda_lr(lambda s: cosine(s, a.steps, 1.0, a.lr_end / lr))
         return opt, sched
 
     def build_dataset(self):
@@ -473,6 +511,11 @@ class DalleTrainer(Trainer):
 
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
                 model = DALLE(self.config)
+            # Init inside zero.Init ran on already-partitioned (empty) parameters: redo it, one
+            # module gathered at a time, so weights equal those of an unsharded run.
+            model.init_weights(gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+            for param in model.external_parameters():  # tied unembeddings are read in DALLE.forward
+                deepspeed.zero.register_external_parameter(model, param)
         else:
             model = DALLE(self.config)
         model.set_dvae(self.dvae)
@@ -503,7 +546,7 @@ class DalleTrainer(Trainer):
         def factor(s):
             return (s + 1) / warmup if s < warmup else cosine(s - warmup, a.steps - warmup, 1.0, 0.1)
 
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return opt, _lambda_lr(factor)
 
     def build_dataset(self):
         # Held-out combinations (zero-shot evaluation) are a fixed function of the count.

@@ -355,6 +355,7 @@ class Trainer:
                 "loss_scale": loss_scale(self.engine),
                 "skipped_steps": self.engine.skipped_steps,
                 "tokens_per_s": round(tokens * self.world / elapsed, 1),
+                "peak_rss_mb": _peak_rss_mb_all_ranks(),
             }
             if self.rank == 0:
                 if self.step % args.log_every == 0 or self.step == args.steps:
@@ -393,6 +394,21 @@ class Trainer:
         if self.rank == 0:
             self.write_images(self.step)
         self.log(f"done: {self.step} steps; weights in {final}")
+
+
+def _peak_rss_mb_all_ranks() -> float:
+    """Largest peak resident memory (VmHWM) over all ranks, in MiB (Linux; 0 elsewhere)."""
+    import torch.distributed as dist
+
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = 0
+    value = torch.tensor([kib / 1024.0], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return round(float(value), 1)
 
 
 def _lambda_lr(factor):

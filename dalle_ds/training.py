@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import COMPLETE, export_checkpoint, latest_complete_tag
 from .config import DalleConfig, DVAEConfig, load_config, save_config
 from .dalle import DALLE
 from .dvae import DiscreteVAE
@@ -44,7 +45,6 @@ from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of
 
 __all__ = ["DVAETrainer", "DalleTrainer", "main_dalle", "main_dvae"]
 
-COMPLETE = "complete.json"  # written into a checkpoint folder once every rank has finished it
 
 
 class TrainingStopped(RuntimeError):
@@ -237,13 +237,7 @@ class Trainer:
         _barrier()
 
     def latest_complete_tag(self) -> str | None:
-        latest = self.ckpt_dir / "latest"
-        if latest.exists():
-            tag = latest.read_text().strip()
-            if (self.ckpt_dir / tag / COMPLETE).exists():
-                return tag
-        complete = sorted(p.name for p in self.ckpt_dir.glob("step*") if (p / COMPLETE).exists())
-        return complete[-1] if complete else None
+        return latest_complete_tag(self.ckpt_dir)
 
     def resume(self) -> None:
         tag = self.latest_complete_tag()
@@ -270,23 +264,10 @@ class Trainer:
         self.log(f"resumed from {tag} (step {self.step})")
 
     def export(self) -> Path:
-        """Consolidated fp32 weights as ``<output>/final`` (config.json + model.safetensors)."""
+        """Consolidated fp32 weights of the last checkpoint as ``<output>/final``."""
         final = self.out / "final"
-        if zero_stage(self.ds_config) == 0:
-            state = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = None
-            if self.rank == 0:
-                state = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=self.latest_complete_tag())
         if self.rank == 0:
-            model = type(self.model)(self.config)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            unexpected = [k for k in unexpected if not k.startswith("dvae.")]
-            if [k for k in missing if not k.startswith("dvae.")] or unexpected:
-                raise RuntimeError(f"export: state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            save_model(model, final)
+            export_checkpoint(self.ckpt_dir, final, tag=self.latest_complete_tag())
         _barrier()
         return final
 

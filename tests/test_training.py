@@ -208,3 +208,44 @@ def test_dvae_trainer_runs_its_schedules(workdir):
     assert (out / "images" / f"recon_{8:08d}.png").exists()
     ema, final = load_model(out / "final_ema"), load_model(out / "final")
     assert not torch.equal(next(ema.parameters()), next(final.parameters()))
+
+
+def test_export_script_consolidates_any_stage(workdir, dvae_dir, tmp_path):
+    for name in ("zero0", "zero3"):
+        out = run_stage(name, workdir, dvae_dir)[0]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "export_checkpoint.py"),
+                "--checkpoint-dir",
+                str(out / "checkpoints"),
+                "--out",
+                str(tmp_path / name),
+                "--tag",
+                "step00000004",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        at4, final = load_model(tmp_path / name), load_model(out / "final")
+        assert at4.config == final.config
+        w4, w6 = at4.blocks[0].attn.qkv.weight, final.blocks[0].attn.qkv.weight
+        assert w4.shape == w6.shape and not torch.equal(w4, w6)  # step 4 is not step 6
+
+
+def test_non_finite_loss_stops_with_a_message_and_a_checkpoint(workdir, dvae_dir):
+    out = workdir / "diverge"
+    cfg = ds_config(workdir, 2)
+    args = train_args(dvae_dir, out, cfg, "--max-bad-steps", 2)
+    args[args.index("--lr") + 1] = 1e6  # Adam takes ~lr-sized steps: the weights blow up at once
+    args[args.index("--steps") + 1] = 30
+    proc = launch("train_dalle.py", *args)
+    assert proc.returncode != 0
+    assert "loss was non-finite for 2 consecutive steps" in proc.stderr
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / tag / "complete.json").exists()
+    stopped_at = int(tag.removeprefix("step"))
+    assert stopped_at < 30
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not math.isfinite(rows[-1]["loss"]) and rows[-1]["step"] == stopped_at

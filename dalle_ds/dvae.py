@@ -93,28 +93,39 @@ def _check_input(x: torch.Tensor, channels: int, what: str) -> None:
         raise ValueError(f"{what} input has {x.shape[1]} channels but model built for {channels}")
 
 
+def _blocks(config: DVAEConfig, input_conv: nn.Conv2d, widths: list[int], kernels, resample, n_out: int):
+    """OpenAI's layout: input conv, groups of res blocks (``resample`` between groups), ReLU + 1x1 conv."""
+    n_layers = config.group_count * config.n_blk_per_group
+    blocks: list[tuple[str, nn.Module]] = [("input", input_conv)]
+    n_in = input_conv.out_channels
+    for g, width in enumerate(widths):
+        group: list[tuple[str, nn.Module]] = []
+        for i in range(config.n_blk_per_group):
+            group.append((f"block_{i + 1}", ResBlock(n_in, width, n_layers, kernels)))
+            n_in = width
+        if g < config.group_count - 1:
+            group.append(resample())
+        blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+    output = OrderedDict([("relu", nn.ReLU()), ("conv", _conv(n_in, n_out, 1))])
+    blocks.append(("output", nn.Sequential(output)))
+    return nn.Sequential(OrderedDict(blocks))
+
+
 class Encoder(nn.Module):
     """Mapped pixels (B, C, H, W) -> code logits (B, K, H / f, W / f)."""
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
         self.config = c = config
-        n_layers = c.group_count * c.n_blk_per_group
         widths = [c.n_hid * 2**g for g in range(c.group_count)]
-        blocks: list[tuple[str, nn.Module]] = [("input", _conv(c.channels, c.n_hid, 7))]
-        n_in = c.n_hid
-        for g, width in enumerate(widths):
-            group = []
-            for i in range(c.n_blk_per_group):
-                group.append((f"block_{i + 1}", ResBlock(n_in, width, n_layers, (3, 3, 3, 1))))
-                n_in = width
-            if g < c.group_count - 1:
-                group.append(("pool", nn.MaxPool2d(kernel_size=2)))
-            blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(
-            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _conv(n_in, c.codebook_size, 1))])))
+        self.blocks = _blocks(
+            c,
+            _conv(c.channels, c.n_hid, 7),
+            widths,
+            (3, 3, 3, 1),
+            lambda: ("pool", nn.MaxPool2d(kernel_size=2)),
+            c.codebook_size,
         )
-        self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.config.channels, "Encoder")
@@ -127,22 +138,15 @@ class Decoder(nn.Module):
     def __init__(self, config: DVAEConfig):
         super().__init__()
         self.config = c = config
-        n_layers = c.group_count * c.n_blk_per_group
         widths = [c.n_hid * 2**g for g in reversed(range(c.group_count))]
-        blocks: list[tuple[str, nn.Module]] = [("input", _conv(c.codebook_size, c.n_init, 1))]
-        n_in = c.n_init
-        for g, width in enumerate(widths):
-            group = []
-            for i in range(c.n_blk_per_group):
-                group.append((f"block_{i + 1}", ResBlock(n_in, width, n_layers, (1, 3, 3, 3))))
-                n_in = width
-            if g < c.group_count - 1:
-                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
-            blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(
-            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _conv(n_in, 2 * c.channels, 1))])))
+        self.blocks = _blocks(
+            c,
+            _conv(c.codebook_size, c.n_init, 1),
+            widths,
+            (1, 3, 3, 3),
+            lambda: ("upsample", nn.Upsample(scale_factor=2, mode="nearest")),
+            2 * c.channels,
         )
-        self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         _check_input(z, self.config.codebook_size, "Decoder")

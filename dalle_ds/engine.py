@@ -89,8 +89,25 @@ def prepare_ds_config(
     known to be broken in DeepSpeed 0.19 (see DESIGN.md section 9) with an explanation.
     """
     cfg = copy.deepcopy(config)
+    hook = cfg.get("communication_hook")
     for section in OWN_SECTIONS:
         cfg.pop(section, None)
+    if hook:
+        zero = cfg.setdefault("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        if stage == 3:
+            raise DeepSpeedConfigError(
+                f"{source}: communication_hook with zero_optimization.stage=3 is not supported (ZeRO-3 "
+                f"reduce-scatters partitioned gradients); use stage 0, 1 or 2"
+            )
+        if stage in (1, 2):
+            if zero.get("reduce_scatter", False):
+                raise DeepSpeedConfigError(
+                    f"{source}: communication_hook needs zero_optimization.reduce_scatter=false (the hook "
+                    f"replaces the all-reduce of each gradient bucket)"
+                )
+            zero["reduce_scatter"] = False
+            zero["contiguous_gradients"] = True
     micro = _resolve(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, source)
     accum = _resolve(cfg, "gradient_accumulation_steps", gradient_accumulation_steps, source)
     total = cfg.get("train_batch_size", "auto")
@@ -223,6 +240,10 @@ def backward(engine, loss: torch.Tensor) -> None:
         if scale is not None:
             loss = loss.float() * scale
     engine.backward(loss)
+    hook = getattr(engine, "_dalle_ds_comm_hook", None)
+    if hook is not None and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+        # ZeRO-0 with a communication hook: the engine's all-reduce is off; average here, before step().
+        hook.reduce([(name, p.grad) for name, p in engine.module.named_parameters() if p.grad is not None])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -40,11 +40,11 @@ from .engine import (
     prepare_ds_config,
     zero_stage,
 )
+from .powersgd import attach_comm_hook, build_comm_hook
 from .serialization import load_dvae, save_model
 from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of
 
 __all__ = ["DVAETrainer", "DalleTrainer", "main_dalle", "main_dvae"]
-
 
 
 class TrainingStopped(RuntimeError):
@@ -146,12 +146,17 @@ class Trainer:
         self.checkpointed = apply_activation_checkpointing(self.model_blocks(), self.ds_config)
         optimizer, scheduler = self.build_optimizer(self.model)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, self.ds_config, optimizer, scheduler)
+        self.comm_hook = build_comm_hook(raw.get("communication_hook"))
+        if self.comm_hook is not None:
+            attach_comm_hook(self.engine, self.comm_hook)
         self.step = 0
         self.bad_steps = 0
         self.dataset = self.build_dataset()
         torch.manual_seed(args.seed * 7919 + self.rank)  # per-rank noise streams (gumbel, dropout)
         if args.resume:
-            self.resume()  # restores every rank's exact RNG state
+            self.resume()  # restores every rank's exact RNG state (and the comm hook's buffers)
+        if self.comm_hook is not None:
+            self._comm_seen = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)
 
     # --- hooks for the concrete trainers -------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -222,6 +227,8 @@ class Trainer:
         }
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.comm_hook is not None:  # error-feedback buffers and Q's differ per rank
+            rng["comm_hook"] = self.comm_hook.state_dict()
         torch.save(rng, self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             torch.save(self.extra_state(), self.ckpt_dir / tag / "trainer_state.pt")
@@ -253,6 +260,8 @@ class Trainer:
             rng = torch.load(rng_path, weights_only=True)
             torch.set_rng_state(rng["torch"])
             random.setstate(_as_python_state(rng["python"]))
+            if self.comm_hook is not None and "comm_hook" in rng:
+                self.comm_hook.load_state_dict(rng["comm_hook"])
         state_path = self.ckpt_dir / tag / "trainer_state.pt"
         if state_path.exists():
             self.load_extra_state(torch.load(state_path, weights_only=True))
@@ -323,6 +332,12 @@ class Trainer:
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / self.accum
             self.step += 1
+            comm = None
+            if self.comm_hook is not None:
+                now = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)
+                comm = (now[0] - self._comm_seen[0], now[1] - self._comm_seen[1])
+                self._comm_seen = now
+                self.comm_hook.step()
             self.after_step()
             if args.fail_at_step is not None and self.step == args.fail_at_step and self.rank == 1:
                 os.kill(os.getpid(), 9)
@@ -338,6 +353,8 @@ class Trainer:
                 "tokens_per_s": round(tokens * self.world / elapsed, 1),
                 "peak_rss_mb": _peak_rss_mb_all_ranks(),
             }
+            if comm is not None:  # this rank's gradient traffic this step vs a plain fp32 all-reduce
+                record.update(comm_bytes=comm[0], comm_bytes_plain=comm[1])
             if self.rank == 0:
                 if self.step % args.log_every == 0 or self.step == args.steps:
                     with open(metrics_path, "a") as f:

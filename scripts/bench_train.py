@@ -42,10 +42,30 @@ def run(tmp: Path, name: str, stage: int, ckpt: bool, args, dvae: Path) -> tuple
     path.write_text(json.dumps(cfg))
     out = tmp / name
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [sys.executable, str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "scripts" / "train_dalle.py"), "--deepspeed_config", str(path), "--preset", args.preset,
-           "--dvae", str(dvae), "--output-dir", str(out), "--steps", str(args.steps),
-           "--micro-batch-size", str(args.micro_batch_size), "--no-progress", "--bpe-dropout", "0"]
+    cmd = [
+        sys.executable,
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "scripts" / "train_dalle.py"),
+        "--deepspeed_config",
+        str(path),
+        "--preset",
+        args.preset,
+        "--dvae",
+        str(dvae),
+        "--output-dir",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
+        "--no-progress",
+        "--bpe-dropout",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -64,20 +84,31 @@ def main(argv=None) -> int:
     config = load_config(args.preset)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        vcfg = DVAEConfig(image_size=config.image_grid * 4, codebook_size=config.image_vocab_size, n_hid=16,
-                          n_init=16, n_blk_per_group=1, group_count=3)
+        vcfg = DVAEConfig(
+            image_size=config.image_grid * 4,
+            codebook_size=config.image_vocab_size,
+            n_hid=16,
+            n_init=16,
+            n_blk_per_group=1,
+            group_count=3,
+        )
         torch.manual_seed(0)
         dvae = save_model(DiscreteVAE(vcfg), tmp / "dvae")
         print(f"{args.preset}, micro batch {args.micro_batch_size} x 2 ranks, {args.steps} steps, fp32 CPU")
-        print(f"{'ZeRO':>4} {'act. ckpt':>9} {'tokens/s':>9} {'peak RSS MiB':>13} {'speed vs base':>14} "
-              f"{'memory vs base':>15}")
+        print(
+            f"{'ZeRO':>4} {'act. ckpt':>9} {'tokens/s':>9} {'peak RSS MiB':>13} {'speed vs base':>14} "
+            f"{'memory vs base':>15}"
+        )
         base = None
         for stage in map(int, args.stages.split(",")):
             for ckpt in (False, True):
                 tok, mem = run(tmp, f"z{stage}{'c' if ckpt else ''}", stage, ckpt, args, dvae)
                 base = base or (tok, mem)
-                print(f"{stage:>4} {'on' if ckpt else 'off':>9} {tok:9.0f} {mem:13.0f} {tok / base[0]:14.2f} "
-                      f"{mem / base[1]:15.2f}", flush=True)
+                print(
+                    f"{stage:>4} {'on' if ckpt else 'off':>9} {tok:9.0f} {mem:13.0f} {tok / base[0]:14.2f} "
+                    f"{mem / base[1]:15.2f}",
+                    flush=True,
+                )
     return 0
 
 

@@ -34,8 +34,10 @@ def main(argv=None) -> int:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     gpus, g = args.nodes * args.gpus_per_node, args.gpus_per_node
     P, L, gib = total, largest, 2**30
-    print(f"{args.preset}: {P / 1e9:.3f}e9 parameters, largest layer {L / 1e6:.1f}e6; "
-          f"{args.nodes} node(s) x {g} GPU(s) = {gpus}")
+    print(
+        f"{args.preset}: {P / 1e9:.3f}e9 parameters, largest layer {L / 1e6:.1f}e6; "
+        f"{args.nodes} node(s) x {g} GPU(s) = {gpus}"
+    )
     # Mixed precision with Adam (ZeRO paper): 2 B fp16 params + 2 B fp16 grads + 12 B fp32 master,
     # momentum and variance per parameter; ZeRO-1/2/3 shard the last 12, 14 and all 16 bytes.
     cpu2, gpu2 = estimate_zero2_model_states_mem_needs(P, g, args.nodes, False, args.buffer_factor)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Export a training checkpoint (any ZeRO stage) to a folder with config.json + model.safetensors.
 
-    python scripts/export_checkpoint.py --checkpoint-dir runs/dalle/checkpoints --out export/ [--tag step00001000]
+python scripts/export_checkpoint.py --checkpoint-dir runs/dalle/checkpoints --out export/ [--tag step00001000]
 """
 
 import argparse

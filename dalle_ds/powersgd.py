@@ -1,0 +1,344 @@
+"""PowerSGD gradient compression as a DeepSpeed communication hook (paper App. E).
+
+Switched on by a ``communication_hook`` section of the DeepSpeed JSON (stripped before DeepSpeed
+sees the config), e.g.::
+
+    "communication_hook": {"type": "powersgd", "rank": 4, "start_iter": 10, "min_compression_rate": 2,
+                           "error_feedback": true, "warm_start": false, "orthogonalization": "householder",
+                           "dtype": "fp16", "hierarchical": true}
+
+Per weight matrix M (n x m) with rank r: P = M Q, all-reduce P, orthogonalise P, Q = M^T P,
+all-reduce Q, M ~= P Q^T / world, with error feedback (the residual joins the next step's gradient).
+Vectors (biases, gains), embeddings and matrices too small to gain go through one plain fp32
+all-reduce. ``warm_start: true`` starts each step's power iteration from the previous Q; ``false``
+is the paper's variant: one random Q per matrix, drawn once and kept. ``hierarchical`` reduces
+exactly inside a node and compresses only across nodes.
+
+DeepSpeed 0.19 has no hook API (DeepSpeed issue #886). :func:`attach_comm_hook` plugs in where the
+engine reduces: ZeRO 1/2 through the optimizer's ``gradient_reduction_w_predivide`` (which every
+bucket passes when ``reduce_scatter`` is off); ZeRO 0 by turning the engine's backward all-reduce
+off and reducing before the optimizer step. ZeRO 3 is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "COMM_HOOKS",
+    "CommHookError",
+    "PowerSGD",
+    "PowerSGDConfig",
+    "attach_comm_hook",
+    "build_comm_hook",
+    "register_comm_hook",
+]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CommHookError(ValueError):
+    """A ``communication_hook`` section is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class PowerSGDConfig:
+    rank: int = 4
+    """Rank r of each matrix's approximation (per node-level shard in hierarchical mode)."""
+    start_iter: int = 10
+    """Plain all-reduce for this many steps first (PowerSGD needs a warmed-up model)."""
+    min_compression_rate: float = 2.0
+    """Compress a matrix only if n m / ((n + m) r) exceeds this."""
+    error_feedback: bool = True
+    """Carry each matrix's compression residual into the next step."""
+    warm_start: bool = True
+    """Reuse last step's Q (True) or keep one random Q per matrix forever (False, the paper's)."""
+    orthogonalization: str = "gram_schmidt"
+    """'gram_schmidt' (PyTorch's hook for r <= 2) or 'householder' (QR)."""
+    epsilon: float = 0.0
+    """Added to column norms in Gram-Schmidt (guards all-zero columns)."""
+    dtype: str = "fp32"
+    """Wire type of P and Q: fp32, fp16 or bf16 (the paper sends 16 bits)."""
+    hierarchical: bool = False
+    """Exact reduce within a node, PowerSGD only across nodes."""
+    exact: bool = False
+    """Never compress: our plain all-reduce only (a guard test against DeepSpeed's own reduction)."""
+    seed: int = 0
+    """Seed of the random Q's."""
+
+    def __post_init__(self):
+        def need(ok, key, why):
+            if not ok:
+                raise CommHookError(f"communication_hook.{key}={getattr(self, key)!r}: {why}")
+
+        need(isinstance(self.rank, int) and self.rank >= 1, "rank", "must be a positive integer")
+        need(isinstance(self.start_iter, int) and self.start_iter >= 0, "start_iter", "must be >= 0")
+        need(self.min_compression_rate >= 1, "min_compression_rate", "must be >= 1")
+        need(
+            self.orthogonalization in ("gram_schmidt", "householder"),
+            "orthogonalization",
+            "must be 'gram_schmidt' or 'householder'",
+        )
+        need(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
+        need(self.epsilon >= 0, "epsilon", "must be >= 0")
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> PowerSGDConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known - {"type"})
+        if unknown:
+            raise CommHookError(
+                f"communication_hook: unknown key(s) {unknown} for type 'powersgd'; known: {sorted(known)}"
+            )
+        return cls(**{k: v for k, v in section.items() if k != "type"})
+
+
+def _orthogonalize(mats: torch.Tensor, method: str, epsilon: float) -> None:
+    """Orthonormalise the columns of each (n, r) matrix of a (b, n, r) batch, in place."""
+    if method == "householder":
+        mats.copy_(torch.linalg.qr(mats.float()).Q.to(mats.dtype))
+        return
+    for i in range(mats.shape[2]):  # Gram-Schmidt, as PyTorch's hook does it
+        col = mats[:, :, i : i + 1]
+        col /= torch.norm(col, dim=1, keepdim=True) + epsilon
+        if i + 1 < mats.shape[2]:
+            rest = mats[:, :, i + 1 :]
+            rest -= torch.sum(col * rest, dim=1, keepdim=True) * col
+
+
+class PowerSGD:
+    """Averages gradients across a process group, compressing weight matrices (see module doc).
+
+    ``reduce(named_grads)`` takes (key, gradient) pairs and overwrites each gradient with the group
+    average (exact for uncompressed tensors, rank-r for compressed ones). Keys identify parameters
+    across steps (error feedback, Q). ``bytes_sent`` / ``bytes_plain`` count this rank's payload
+    per reduce against what a plain fp32 all-reduce of the same tensors would send.
+    """
+
+    def __init__(self, config: PowerSGDConfig, group=None, intra_group=None):
+        self.config = config
+        self.group = group  # across which PowerSGD runs (inter-node group in hierarchical mode)
+        self.intra_group = intra_group  # exact pre-reduce (hierarchical mode)
+        self.errors: dict[Any, torch.Tensor] = {}
+        self.qs: dict[Any, torch.Tensor] = {}
+        self.iter = 0
+        self.bytes_sent = 0
+        self.bytes_plain = 0
+        self.last_step_bytes = (0, 0)
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    # -- state for checkpoints --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iter": self.iter,
+            "errors": dict(self.errors),
+            "qs": dict(self.qs),
+            "generator": self._generator.get_state(),
+            "bytes_sent": self.bytes_sent,
+            "bytes_plain": self.bytes_plain,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iter, self.bytes_sent, self.bytes_plain = state["iter"], state["bytes_sent"], state["bytes_plain"]
+        self.errors, self.qs = dict(state["errors"]), dict(state["qs"])
+        self._generator.set_state(state["generator"])
+
+    # -- the reduction ------------------------------------------------------------------------
+    def _rank(self, n: int, m: int) -> int:
+        return min(n, m, self.config.rank)
+
+    def _compressible(self, g: torch.Tensor) -> bool:
+        if g.ndim < 2:
+            return False
+        n, m = g.shape[0], g[0].numel()
+        r = self._rank(n, m)
+        return (n + m) * r * self.config.min_compression_rate < n * m
+
+    def _all_reduce_mean(self, flat: torch.Tensor, group) -> None:
+        dist.all_reduce(flat, group=group)
+        flat.mul_(1.0 / dist.get_world_size(group))  # as DeepSpeed scales: bit-identical in exact mode
+
+    def reduce(self, named_grads: list[tuple[Any, torch.Tensor]]) -> None:
+        cfg = self.config
+        if self.intra_group is not None:  # exact average inside the node first
+            flat = torch.cat([g.reshape(-1).float() for _, g in named_grads])
+            self._all_reduce_mean(flat, self.intra_group)
+            _scatter_back(flat, [g for _, g in named_grads])
+        compress = not cfg.exact and self.iter >= cfg.start_iter
+        plain = [g for _, g in named_grads if not (compress and self._compressible(g))]
+        matrices = [(k, g) for k, g in named_grads if compress and self._compressible(g)]
+        sent = 0
+        if plain:
+            flat = torch.cat([g.reshape(-1).float() for g in plain])
+            self._all_reduce_mean(flat, self.group)
+            _scatter_back(flat, plain)
+            sent += flat.numel() * 4
+        if matrices:
+            sent += self._powersgd(matrices)
+        total = sum(g.numel() for _, g in named_grads) * 4
+        self.bytes_sent += sent
+        self.bytes_plain += total
+        self.last_step_bytes = (sent, total)
+
+    def _powersgd(self, matrices: list[tuple[Any, torch.Tensor]]) -> int:
+        cfg = self.config
+        wire = _DTYPES[cfg.dtype]
+        world = dist.get_world_size(self.group)
+        by_shape: dict[tuple, list[tuple[Any, torch.Tensor]]] = defaultdict(list)
+        for key, g in matrices:
+            by_shape[(g.shape[0], g[0].numel())].append((key, g))
+        batches = []  # (keys, grads, M (b, n, m) fp32, input copy for error feedback, Q (b, m, r))
+        for (n, m), items in by_shape.items():
+            keys, grads = [k for k, _ in items], [g for _, g in items]
+            M = torch.stack([g.reshape(n, m).float() for g in grads])
+            if cfg.error_feedback:
+                M += torch.stack([self.errors.get(k, torch.zeros(n, m, device=M.device)) for k in keys])
+            r = self._rank(n, m)
+            fresh = [k for k in keys if k not in self.qs]
+            for k in fresh:
+                self.qs[k] = torch.randn(m, r, generator=self._generator).to(M.device)
+            Q = torch.stack([self.qs[k] for k in keys])
+            if cfg.warm_start or fresh:
+                _orthogonalize(Q, cfg.orthogonalization, cfg.epsilon)
+                if not cfg.warm_start:  # the paper's variant: keep the orthogonalised initial Q
+                    for i, k in enumerate(keys):
+                        self.qs[k] = Q[i].clone()
+            batches.append((keys, grads, M, M.clone() if cfg.error_feedback else None, Q))
+        # P = M Q for every matrix, one all-reduce for all of them.
+        ps = [torch.bmm(M, Q) for _, _, M, _, Q in batches]
+        p_flat = self._all_reduce_sum_wire(ps, wire)
+        ps = _split_like(p_flat, ps)
+        for p in ps:
+            _orthogonalize(p, cfg.orthogonalization, cfg.epsilon)
+        qs = [torch.bmm(M.transpose(1, 2), p) for (_, _, M, _, _), p in zip(batches, ps, strict=True)]
+        q_flat = self._all_reduce_sum_wire(qs, wire)
+        qs = [q.mul_(1.0 / world) for q in _split_like(q_flat, qs)]
+        for (keys, grads, _, M_in, _), p, q in zip(batches, ps, qs, strict=True):
+            approx = torch.bmm(p, q.transpose(1, 2))  # (b, n, m)
+            for i, (k, g) in enumerate(zip(keys, grads, strict=True)):
+                if cfg.error_feedback:
+                    self.errors[k] = M_in[i] - approx[i]
+                if cfg.warm_start:
+                    self.qs[k] = q[i].clone()
+                g.copy_(approx[i].reshape(g.shape))
+        return (p_flat.numel() + q_flat.numel()) * p_flat.element_size()
+
+    def _all_reduce_sum_wire(self, tensors: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)
+        dist.all_reduce(flat, group=self.group)
+        if not torch.isfinite(flat).all():
+            raise FloatingPointError("PowerSGD: non-finite values in the reduced P/Q")
+        return flat.float()
+
+    def step(self) -> None:
+        """Call once per optimizer step (after the last reduce of the step)."""
+        self.iter += 1
+
+
+def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t).clone())
+        offset += t.numel()
+    return out
+
+
+# --- registry and engine wiring -------------------------------------------------------------
+
+COMM_HOOKS: dict[str, Callable[..., Any]] = {}
+
+
+def register_comm_hook(name: str, factory: Callable[..., Any]) -> None:
+    """Make ``{"communication_hook": {"type": name, ...}}`` build ``factory(section, groups)``."""
+    COMM_HOOKS[name] = factory
+
+
+def _node_groups():
+    """(intra-node group, inter-node group) of this rank; nodes = the launcher's local worlds."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if world % local:
+        raise CommHookError(f"hierarchical PowerSGD: world size {world} is not a multiple of the node size {local}")
+    intra = inter = None
+    for node in range(world // local):  # every rank must create every group, in the same order
+        g = dist.new_group(list(range(node * local, (node + 1) * local)))
+        if rank // local == node:
+            intra = g
+    for lr in range(local):
+        g = dist.new_group(list(range(lr, world, local)))
+        if rank % local == lr:
+            inter = g
+    return intra, inter
+
+
+def _powersgd_factory(section: dict[str, Any]) -> PowerSGD:
+    config = PowerSGDConfig.from_section(section)
+    if config.hierarchical:
+        intra, inter = _node_groups()
+        return PowerSGD(config, group=inter, intra_group=intra)
+    return PowerSGD(config)
+
+
+register_comm_hook("powersgd", _powersgd_factory)
+
+
+def build_comm_hook(section: dict[str, Any] | None):
+    """The hook a ``communication_hook`` section asks for, or None without one."""
+    if not section:
+        return None
+    if not isinstance(section, dict) or "type" not in section:
+        raise CommHookError("communication_hook must be an object with a 'type'")
+    kind = section["type"]
+    if kind not in COMM_HOOKS:
+        raise CommHookError(f"communication_hook.type={kind!r}: unknown; registered: {sorted(COMM_HOOKS)}")
+    return COMM_HOOKS[kind](section)
+
+
+def attach_comm_hook(engine, hook) -> None:
+    """Route the engine's data-parallel gradient reduction through ``hook.reduce``."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        raise CommHookError(
+            "communication_hook: ZeRO stage 3 is not supported (its reduce-scatter of partitioned "
+            "gradients has no per-matrix view to compress); use stage 0, 1 or 2"
+        )
+    if stage == 0:
+        engine.enable_backward_allreduce = False
+        engine._dalle_ds_comm_hook = hook  # reduced by dalle_ds.engine.backward at accumulation boundaries
+        return
+    opt = engine.optimizer
+    if getattr(opt, "reduce_scatter", False):
+        raise CommHookError("communication_hook with ZeRO 1/2 needs zero_optimization.reduce_scatter=false")
+
+    def reduce_bucket(tensor: torch.Tensor, communication_data_type: torch.dtype):
+        bucket = opt.ipg_buckets[communication_data_type]
+        views, offset = [], 0
+        for group, index, param_id in bucket.params:
+            p = opt.bit16_groups[group][index]
+            views.append((param_id, tensor.narrow(0, offset, p.numel()).view(p.shape)))
+            offset += p.numel()
+        if offset != tensor.numel():  # a parameter larger than the bucket comes alone
+            param = opt.extra_large_param_to_reduce.get(communication_data_type)
+            if param is None or param.numel() != tensor.numel():
+                raise RuntimeError("communication hook: cannot map the gradient bucket to parameters")
+            views = [(id(param), tensor.view(param.shape))]
+        hook.reduce(views)
+        return tensor
+
+    opt.gradient_reduction_w_predivide = reduce_bucket
+    engine._dalle_ds_comm_hook = hook

@@ -1,0 +1,138 @@
+"""PowerSGD: math against PyTorch's DDP hook, full-rank exactness, error feedback, config errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from dalle_ds.engine import DeepSpeedConfigError, prepare_ds_config
+from dalle_ds.powersgd import CommHookError, PowerSGD, PowerSGDConfig, build_comm_hook
+
+N, M, R = 12, 10, 2
+
+
+def _grad(rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(N, M, generator=g)
+
+
+def _worker(rank: int, world: int, port: int, out: dict):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ref
+
+    # Reference: a real DDP model whose only parameter is one N x M matrix (bias-free Linear).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(M, N, bias=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    state = ref.PowerSGDState(
+        process_group=None,
+        matrix_approximation_rank=R,
+        start_powerSGD_iter=2,
+        min_compression_rate=1,
+        use_error_feedback=True,
+        warm_start=True,
+        orthogonalization_epsilon=0,
+        random_seed=0,
+    )
+    ddp.register_comm_hook(state, ref.powerSGD_hook)
+    # Ours, fed the same local gradients; its first Q is the one PyTorch's hook draws.
+    ours = PowerSGD(PowerSGDConfig(rank=R, start_iter=2, min_compression_rate=1, warm_start=True))
+    rng = np.random.RandomState(0)
+    refs, mine = [], []
+    for step in range(5):
+        x = torch.eye(M)
+        target = _grad(rank, step)  # d(sum(W x * G))/dW = G: the local gradient is exactly G
+        ddp.zero_grad()
+        (ddp(x).T * target).sum().backward()
+        refs.append(model.weight.grad.clone())
+        if step == 2:  # PyTorch seeds its Q from a RandomState(random_seed) draw, once (warm start)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.randint(1_000_000_000))
+                ours.qs["w"] = torch.randn(1, M, R)[0]
+        g = target.clone()
+        ours.reduce([("w", g)])
+        ours.step()
+        mine.append(g)
+    out[rank] = (
+        torch.stack(refs),
+        torch.stack(mine),
+        torch.stack(list(state.q_memory_dict.values())[0:1]),
+        ours.qs["w"].clone(),
+        ours.last_step_bytes,
+    )
+    dist.destroy_process_group()
+
+
+def test_matches_pytorch_powersgd_hook_on_real_ddp():
+    world = 2
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    ref, mine, ref_q, my_q, (sent, plain) = out[0]
+    # Steps 0-1: plain averages; 2-4: compressed with error feedback; all match to fp32 tolerance.
+    torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
+    avg = (torch.stack([_grad(0, s) for s in range(5)]) + torch.stack([_grad(1, s) for s in range(5)])) / 2
+    torch.testing.assert_close(mine[:2], avg[:2])
+    assert not torch.allclose(mine[2:], avg[2:], atol=1e-3)  # steps 2+ are really compressed
+    torch.testing.assert_close(my_q, ref_q.reshape(M, R), atol=1e-5, rtol=1e-4)  # warm-started Q
+    torch.testing.assert_close(out[1][1], mine)  # both ranks hold the same averaged gradient
+    assert sent == (N + M) * R * 4 and plain == N * M * 4
+
+
+def _full_rank_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    hook = PowerSGD(
+        PowerSGDConfig(rank=M, start_iter=0, min_compression_rate=1, warm_start=False, orthogonalization="householder")
+    )
+    gs = [_grad(rank, s) for s in range(3)]
+    results = []
+    for g in gs:
+        g = g.clone()
+        hook.reduce([("w", g)])
+        results.append(g)
+    # Error feedback: with rank 1 the running sum of applied updates tracks the sum of true averages.
+    low = PowerSGD(PowerSGDConfig(rank=1, start_iter=0, min_compression_rate=1, warm_start=True))
+    applied = torch.zeros(N, M)
+    for s in range(60):
+        g = _grad(rank, 100 + s % 3).clone()
+        low.reduce([("w", g)])
+        applied += g
+    out[rank] = (torch.stack(results), applied)
+    dist.destroy_process_group()
+
+
+def test_full_rank_equals_the_plain_average_and_error_feedback_tracks_the_sum():
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_full_rank_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    results, applied = out[0]
+    avg = torch.stack([(_grad(0, s) + _grad(1, s)) / 2 for s in range(3)])
+    torch.testing.assert_close(results, avg, atol=1e-5, rtol=1e-5)
+    true_sum = sum((_grad(0, 100 + s % 3) + _grad(1, 100 + s % 3)) / 2 for s in range(60))
+    # Without feedback a rank-1 approximation loses most of each gradient; with it, what is left
+    # over is one step's residual, small against the sum of 60 steps.
+    assert (applied - true_sum).norm() < 0.1 * true_sum.norm()
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(CommHookError, match=r"communication_hook.rank=0"):
+        build_comm_hook({"type": "powersgd", "rank": 0})
+    with pytest.raises(CommHookError, match=r"unknown key\(s\) \['ranks'\]"):
+        build_comm_hook({"type": "powersgd", "ranks": 4})
+    with pytest.raises(CommHookError, match=r"type='topk': unknown; registered: \['powersgd'\]"):
+        build_comm_hook({"type": "topk"})
+    with pytest.raises(CommHookError, match="dtype='fp8'"):
+        PowerSGDConfig(dtype="fp8")
+    base = {"train_micro_batch_size_per_gpu": 1, "communication_hook": {"type": "powersgd"}}
+    with pytest.raises(DeepSpeedConfigError, match="stage=3 is not supported"):
+        prepare_ds_config({**base, "zero_optimization": {"stage": 3}}, world_size=2)
+    with pytest.raises(DeepSpeedConfigError, match="reduce_scatter=false"):
+        prepare_ds_config({**base, "zero_optimization": {"stage": 2, "reduce_scatter": True}}, world_size=2)
+    cfg = prepare_ds_config({**base, "zero_optimization": {"stage": 2}}, world_size=2)
+    assert cfg["zero_optimization"]["reduce_scatter"] is False and "communication_hook" not in cfg

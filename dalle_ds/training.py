@@ -11,6 +11,7 @@ so resuming neither repeats nor skips samples.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import math
@@ -103,7 +104,7 @@ def base_arg_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """Shared loop: engine setup, data order, checkpoints, metrics, non-finite guard."""
 
     model_kind = ""
@@ -159,17 +160,17 @@ class Trainer:
             self._comm_seen = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)
 
     # --- hooks for the concrete trainers -------------------------------------------------
-    def build_model(self) -> torch.nn.Module:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module: ...
 
-    def model_blocks(self) -> torch.nn.ModuleList:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def model_blocks(self) -> torch.nn.ModuleList: ...
 
-    def build_optimizer(self, model):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build_optimizer(self, model): ...
 
-    def build_dataset(self):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build_dataset(self): ...
 
     def adamw(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
         """AdamW; DeepSpeed's CPU Adam when the config offloads optimizer states to CPU (unless the
@@ -181,9 +182,10 @@ class Trainer:
             return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
+    @abc.abstractmethod
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
         """(loss, metrics, tokens in the micro batch)."""
-        raise NotImplementedError
+        ...
 
     def write_images(self, step: int) -> None:
         pass

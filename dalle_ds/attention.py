@@ -266,10 +266,10 @@ def block_attention(
         raise ValueError(f"block attention needs the full sequence: n={n}, text_len + grid**2 = {T + W * W}")
     if fused is None:
         fused = q.device.type == "cpu" and _has_cpu_flash()
-    plan = _PLAN_CACHE.get((kind, W, conv_kernel, block_rows, conv_cols, q.device))
-    if plan is None:
-        plan = tile_plan(kind, W, conv_kernel, block_rows, conv_cols, q.device)
-        _PLAN_CACHE[(kind, W, conv_kernel, block_rows, conv_cols, q.device)] = plan
+    key = (kind, W, conv_kernel, block_rows, conv_cols, q.device)
+    if key not in _PLAN_CACHE:  # plans are never evicted: their ids key the cached masks
+        _PLAN_CACHE[key] = tile_plan(kind, W, conv_kernel, block_rows, conv_cols, q.device)
+    plan = _PLAN_CACHE[key]
     qt, qi = q.split([T, W * W], dim=2)
     kt, ki = k.split([T, W * W], dim=2)
     vt, vi = v.split([T, W * W], dim=2)

@@ -74,6 +74,15 @@ def _resolve(config: dict, key: str, given: int | None, source: str) -> int | No
     return value
 
 
+def _divide(total: int, key: str, value: int, world_size: int, source: str) -> int:
+    """The missing batch factor: train_batch_size / (the known one x world size), which must divide."""
+    if total % (value * world_size):
+        raise DeepSpeedConfigError(
+            f"{source}: train_batch_size={total} is not divisible by {key}={value} x world size {world_size}"
+        )
+    return total // (value * world_size)
+
+
 def prepare_ds_config(
     config: dict[str, Any],
     *,
@@ -118,19 +127,9 @@ def prepare_ds_config(
         raise DeepSpeedConfigError(f"{source}: no batch size: set train_micro_batch_size_per_gpu or pass one")
     accum = accum if accum is not None else (1 if micro is None or total is None else None)
     if micro is None:
-        if total % (accum * world_size):
-            raise DeepSpeedConfigError(
-                f"{source}: train_batch_size={total} is not divisible by gradient_accumulation_steps={accum} "
-                f"x world size {world_size}"
-            )
-        micro = total // (accum * world_size)
+        micro = _divide(total, "gradient_accumulation_steps", accum, world_size, source)
     if accum is None:
-        if total % (micro * world_size):
-            raise DeepSpeedConfigError(
-                f"{source}: train_batch_size={total} is not divisible by train_micro_batch_size_per_gpu={micro} "
-                f"x world size {world_size}"
-            )
-        accum = total // (micro * world_size)
+        accum = _divide(total, "train_micro_batch_size_per_gpu", micro, world_size, source)
     expected = micro * accum * world_size
     if total is not None and total != expected:
         raise DeepSpeedConfigError(

@@ -153,6 +153,7 @@ class Trainer(abc.ABC):
         self.step = 0
         self.bad_steps = 0
         self.dataset = self.build_dataset()
+        self._perm: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation), built lazily
         torch.manual_seed(args.seed * 7919 + self.rank)  # per-rank noise streams (gumbel, dropout)
         if args.resume:
             self.resume()  # restores every rank's exact RNG state (and the comm hook's buffers)
@@ -207,7 +208,7 @@ class Trainer(abc.ABC):
         out = []
         for pos in range(start, start + self.micro):
             epoch, offset = divmod(pos, n)
-            if offset == 0 or not hasattr(self, "_perm") or self._perm[0] != epoch:
+            if self._perm[0] != epoch:
                 g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
                 self._perm = (epoch, torch.randperm(n, generator=g))
             out.append(int(self._perm[1][offset]))

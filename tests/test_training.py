@@ -134,15 +134,25 @@ def test_zero3_and_zero0_follow_the_same_loss_trajectory(workdir, dvae_dir):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=1e-3)
 
 
+def crash_and_resume(dvae_dir, out, cfg, *crash_flags, check_crashed=lambda out: None):
+    """Run until the injected failure kills a rank, check the wreck, relaunch with --resume."""
+    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *crash_flags))
+    assert crashed.returncode != 0
+    check_crashed(out)
+    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return resumed
+
+
 def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
     ref = losses(run_stage("zero2", workdir, dvae_dir)[0])
     out = workdir / "crash"
     cfg = ds_config(workdir, 2)
-    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--fail-at-step", 5))
-    assert crashed.returncode != 0
-    assert (out / "checkpoints" / "latest").read_text() == "step00000004"
-    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume"))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    def check(out):
+        assert (out / "checkpoints" / "latest").read_text() == "step00000004"
+
+    resumed = crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5, check_crashed=check)
     assert "resumed from step00000004" in resumed.stdout
     got = losses(out)
     assert len(got) == STEPS
@@ -153,13 +163,13 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(workdir, dvae_
     ref = losses(run_stage("zero2", workdir, dvae_dir)[0])
     out = workdir / "save_crash"
     cfg = ds_config(workdir, 2)
-    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--fail-in-save", 4))
-    assert crashed.returncode != 0
-    ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step00000002"
-    assert (ckpts / "step00000004").exists() and not (ckpts / "step00000004" / "complete.json").exists()
-    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume"))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    def check(out):
+        ckpts = out / "checkpoints"
+        assert (ckpts / "latest").read_text() == "step00000002"
+        assert (ckpts / "step00000004").exists() and not (ckpts / "step00000004" / "complete.json").exists()
+
+    resumed = crash_and_resume(dvae_dir, out, cfg, "--fail-in-save", 4, check_crashed=check)
     assert "resumed from step00000002" in resumed.stdout
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
@@ -305,10 +315,7 @@ def test_powersgd_resume_restores_error_feedback_exactly(workdir, dvae_dir):
     ref = losses(run_hooked("psgd_rank4_zero2", workdir, dvae_dir, 2, RANK4))
     out = workdir / "psgd_crash"
     cfg = hook_config(workdir, "psgd_crash", 2, RANK4)
-    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--fail-at-step", 5))
-    assert crashed.returncode != 0
-    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume"))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
 

@@ -36,6 +36,30 @@ class DeepSpeedConfigError(ValueError):
     """A DeepSpeed config is invalid or unsafe; the message names the file and keys."""
 
 
+def init_distributed(**kwargs) -> None:
+    """`deepspeed.init_distributed` without DeepSpeed's CPU shared-memory all-reduce op.
+
+    On the CPU accelerator DeepSpeed 0.19.8 JIT-builds `deepspeed_shm_comm` in every process
+    (~60 s on a fresh extensions cache) and, under the launcher, each rank creates a 66 MiB
+    segment in /dev/shm that is never unlinked: a few hundred test launches filled a 24 GiB
+    machine's memory. The op only serves DeepSpeed-inference's `inference_all_reduce`; training
+    reduces through torch.distributed either way, so it is skipped. Other accelerators do not
+    build it at all, so this changes nothing there.
+    """
+    import importlib
+
+    import deepspeed
+
+    # `deepspeed.comm.torch` as an attribute is the torch package; the submodule needs importlib.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch_comm.build_shm_op
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(**kwargs)
+    finally:
+        ds_torch_comm.build_shm_op = build
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON config (strict JSON: errors give the line and column)."""
     path = Path(path)

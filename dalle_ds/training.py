@@ -36,6 +36,7 @@ from .engine import (
     backward,
     build_engine,
     cosine,
+    init_distributed,
     load_ds_config,
     loss_scale,
     prepare_ds_config,
@@ -110,12 +111,11 @@ class Trainer(abc.ABC):
     model_kind = ""
 
     def __init__(self, args: argparse.Namespace):
-        import deepspeed
 
         self.args = args
         if not args.deepspeed_config:
             raise DeepSpeedConfigError("--deepspeed_config is required (see ds_configs/)")
-        deepspeed.init_distributed()
+        init_distributed()
         self.rank, self.world = _rank_world()
         self.out = Path(args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -624,9 +624,19 @@ def main_dalle(argv=None) -> int:
 
 
 def _run(cls, args) -> int:
+    import torch.distributed as dist
+
     try:
         cls(args).run()
-    except (DeepSpeedConfigError, TrainingStopped) as err:
+        code = 0
+    except (DeepSpeedConfigError, TrainingStopped) as err:  # raised on every rank alike
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        code = 2
+    # Tear the process groups down before the interpreter does: gloo work left to exit-time
+    # destructors can abort the process ("terminate called without an active exception"). Not on
+    # an unexpected error: destroying while peers are mid-collective can hang, and the launcher
+    # stops the other ranks anyway.
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return code

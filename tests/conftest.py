@@ -29,12 +29,13 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def single_process_group():
     """A 1-rank gloo process group in this process, for in-process DeepSpeed engines."""
-    import deepspeed
     import torch.distributed as dist
+
+    from dalle_ds.engine import init_distributed
 
     if not dist.is_initialized():
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed(dist_backend="gloo")
     yield

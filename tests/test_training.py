@@ -30,11 +30,21 @@ def deepspeed_cmd(script: str, *args, nprocs: int = 2) -> list[str]:
     ]
 
 
+def shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_*")} if shm.is_dir() else set()
+
+
 def launch(script, *args, nprocs=2, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
+    before = shm_segments()
+    proc = subprocess.run(
         deepspeed_cmd(script, *args, nprocs=nprocs), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )
+    # DeepSpeed's CPU shm all-reduce op never unlinks its segments; init_distributed skips it.
+    leaked = shm_segments() - before
+    assert not leaked, f"/dev/shm segments left behind by the run: {sorted(leaked)}"
+    return proc
 
 
 def ds_config(tmp: Path, stage: int, **extra) -> Path:

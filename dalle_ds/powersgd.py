@@ -23,6 +23,7 @@ off and reducing before the optimizer step. ZeRO 3 is refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -158,7 +159,7 @@ class PowerSGD:
     def _compressible(self, g: torch.Tensor) -> bool:
         if g.ndim < 2:
             return False
-        n, m = g.shape[0], g[0].numel()
+        n, m = g.shape[0], math.prod(g.shape[1:])
         r = self._rank(n, m)
         return (n + m) * r * self.config.min_compression_rate < n * m
 
@@ -167,11 +168,18 @@ class PowerSGD:
         flat.mul_(1.0 / dist.get_world_size(group))  # as DeepSpeed scales: bit-identical in exact mode
 
     def reduce(self, named_grads: list[tuple[Any, torch.Tensor]]) -> None:
+        if self.intra_group is not None:
+            sent = self._reduce_hierarchical(named_grads)
+        else:
+            sent = self._reduce_across(named_grads)
+        total = sum(g.numel() for _, g in named_grads) * 4  # a plain fp32 all-reduce's payload
+        self.bytes_sent += sent
+        self.bytes_plain += total
+        self.last_step_bytes = (sent, total)
+
+    def _reduce_across(self, named_grads: list[tuple[Any, torch.Tensor]]) -> int:
+        """Average over ``self.group``, compressing what pays; returns the bytes this rank sent."""
         cfg = self.config
-        if self.intra_group is not None:  # exact average inside the node first
-            flat = torch.cat([g.reshape(-1).float() for _, g in named_grads])
-            self._all_reduce_mean(flat, self.intra_group)
-            _scatter_back(flat, [g for _, g in named_grads])
         compress = not cfg.exact and self.iter >= cfg.start_iter
         plain = [g for _, g in named_grads if not (compress and self._compressible(g))]
         matrices = [(k, g) for k, g in named_grads if compress and self._compressible(g)]
@@ -183,10 +191,43 @@ class PowerSGD:
             sent += flat.numel() * 4
         if matrices:
             sent += self._powersgd(matrices)
-        total = sum(g.numel() for _, g in named_grads) * 4
-        self.bytes_sent += sent
-        self.bytes_plain += total
-        self.last_step_bytes = (sent, total)
+        return sent
+
+    def _reduce_hierarchical(self, named_grads: list[tuple[Any, torch.Tensor]]) -> int:
+        """The paper's layout: reduce-scatter inside the node, PowerSGD across nodes, all-gather.
+
+        Local rank j owns row-shard j of every tensor: it receives the node's average of that
+        shard, averages it with its peers (local rank j of every node) through ``_reduce_across``,
+        and the node all-gathers the shards back. Only ``_reduce_across`` crosses nodes: that is
+        the traffic counted.
+        """
+        local = dist.get_world_size(self.intra_group)
+        me = dist.get_rank(self.intra_group)
+        # shards[t][j]: rows of tensor t that local rank j owns (1-D tensors split as vectors)
+        shards = [_as_rows(g).tensor_split(local) for _, g in named_grads]
+        sizes = [sum(s[j].numel() for s in shards) for j in range(local)]
+        width = max(sizes)
+        send = torch.zeros(local * width, dtype=torch.float32, device=named_grads[0][1].device)
+        for j in range(local):
+            _pack([s[j] for s in shards], send[j * width : j * width + sizes[j]])
+        mine = torch.empty(width, dtype=torch.float32, device=send.device)
+        _reduce_scatter(mine, send, self.intra_group)
+        mine.mul_(1.0 / local)
+        views, offset = [], 0
+        for (key, _), s in zip(named_grads, shards, strict=True):
+            views.append(((key, me), mine[offset : offset + s[me].numel()].view(s[me].shape)))
+            offset += s[me].numel()
+        sent = self._reduce_across(views)  # writes the cross-node average into `mine`
+        gathered = torch.empty_like(send)
+        _all_gather(gathered, mine, self.intra_group)
+        offsets = [j * width for j in range(local)]
+        for (_, g), s in zip(named_grads, shards, strict=True):
+            parts = []
+            for j in range(local):
+                parts.append(gathered[offsets[j] : offsets[j] + s[j].numel()])
+                offsets[j] += s[j].numel()
+            g.copy_(torch.cat(parts).view(g.shape))
+        return sent
 
     def _powersgd(self, matrices: list[tuple[Any, torch.Tensor]]) -> int:
         cfg = self.config
@@ -229,7 +270,7 @@ class PowerSGD:
                 if cfg.warm_start:
                     self.qs[k] = q[i].clone()
                 g.copy_(approx[i].reshape(g.shape))
-        return (p_flat.numel() + q_flat.numel()) * p_flat.element_size()
+        return (p_flat.numel() + q_flat.numel()) * wire.itemsize  # P and Q travel in the wire dtype
 
     def _all_reduce_sum_wire(self, tensors: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
         flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)
@@ -241,6 +282,26 @@ class PowerSGD:
     def step(self) -> None:
         """Call once per optimizer step (after the last reduce of the step)."""
         self.iter += 1
+
+
+def _as_rows(g: torch.Tensor) -> torch.Tensor:
+    return g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(-1)
+
+
+def _pack(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
+    offset = 0
+    for t in tensors:
+        out[offset : offset + t.numel()].copy_(t.reshape(-1))
+        offset += t.numel()
+
+
+# torch 2.13 renamed the single-tensor collectives; older releases have only the old names.
+def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, group=group)
+
+
+def _all_gather(output: torch.Tensor, input: torch.Tensor, group) -> None:
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
 
 
 def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -1,5 +1,6 @@
 """PowerSGD: math against PyTorch's DDP hook, full-rank exactness, error feedback, config errors."""
 
+import math
 import os
 
 import numpy as np
@@ -118,6 +119,59 @@ def test_full_rank_equals_the_plain_average_and_error_feedback_tracks_the_sum():
     # Without feedback a rank-1 approximation loses most of each gradient; with it, what is left
     # over is one step's residual, small against the sum of 60 steps.
     assert (applied - true_sum).norm() < 0.1 * true_sum.norm()
+
+
+# Tensors for the hierarchical tests: rows split evenly, unevenly, fewer rows than local ranks, a vector.
+SHAPES = {"w": (12, 10), "odd": (5, 7), "thin": (1, 10), "b": (7,)}
+
+
+def _hgrads(rank: int, step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return {k: torch.randn(shape, generator=g) for k, shape in SHAPES.items()}
+
+
+def _hierarchical_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    base = {"type": "powersgd", "hierarchical": True, "start_iter": 0, "dtype": "fp32"}
+    exact = build_comm_hook({**base, "exact": True})
+    results = {"exact": _hgrads(rank, 0)}
+    exact.reduce(list(results["exact"].items()))
+    low = build_comm_hook({**base, "rank": 1, "min_compression_rate": 1})
+    grads = _hgrads(rank, 0)
+    low.reduce(list(grads.items()))
+    results["rank1"] = grads
+    half = build_comm_hook({**base, "rank": 1, "min_compression_rate": 1, "dtype": "fp16"})
+    half.reduce(list(_hgrads(rank, 0).items()))
+    out[rank] = (results, low.last_step_bytes, half.last_step_bytes)
+    dist.destroy_process_group()
+
+
+def test_hierarchical_2x2_reduces_exactly_in_node_and_compresses_row_shards_across_nodes():
+    world = 4
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_hierarchical_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    mean = {k: sum(_hgrads(r, 0)[k] for r in range(world)) / world for k in SHAPES}
+    for rank in range(world):
+        results = out[rank][0]
+        for k in SHAPES:
+            torch.testing.assert_close(results["exact"][k], mean[k], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(results["rank1"][k], out[0][0]["rank1"][k], atol=0, rtol=0)
+    # Rank 1 compresses "w" as two 6 x 10 row shards, one per local rank: each shard of the result
+    # is the mean's shard projected onto one direction (P P^T M), so rank 1 and nothing lost there.
+    w = out[0][0]["rank1"]["w"]
+    for shard, target in zip(w.split(6), mean["w"].split(6), strict=True):
+        assert torch.linalg.matrix_rank(shard).item() == 1
+        u = torch.linalg.svd(shard)[0][:, :1]
+        torch.testing.assert_close(u @ (u.T @ target), shard, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(w, mean["w"], atol=1e-2)
+    # Across nodes, local rank 0 sends only its own shards: "thin" (1 x 10, too small to compress)
+    # and 4 of "b" plain, P and Q of its 6 x 10 rows of "w" and 3 x 7 rows of "odd" at rank 1.
+    sent, plain = out[0][1]
+    assert sent == (10 + 4 + (6 + 10) + (3 + 7)) * 4
+    assert out[0][2][0] == (10 + 4) * 4 + ((6 + 10) + (3 + 7)) * 2  # P and Q in fp16, the rest fp32
+    assert plain == sum(math.prod(s) for s in SHAPES.values()) * 4
 
 
 def test_config_errors_name_the_key():

@@ -24,8 +24,10 @@ __all__ = [
     "Combo",
     "SyntheticShapes",
     "caption_of",
+    "holdout_combos",
     "read_attributes",
     "render",
+    "write_webdataset",
 ]
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
@@ -52,6 +54,11 @@ class Combo:
 
 
 ALL_COMBOS = tuple(Combo(c, s, p) for c, s, p in itertools.product(COLOURS, SHAPES, POSITIONS))
+
+
+def holdout_combos(n: int) -> list[Combo]:
+    """The ``n`` combinations held out of training for zero-shot evaluation (fixed, seed 1234)."""
+    return random.Random(1234).sample(ALL_COMBOS, n) if n else []
 
 
 def caption_of(combo: Combo) -> str:
@@ -130,3 +137,43 @@ class SyntheticShapes(torch.utils.data.Dataset):
         img = render(combo, self.image_size, rng)
         image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
         return {"image": image, "caption": caption_of(combo), "combo": combo}
+
+
+def write_webdataset(
+    out_dir, size: int, shards: int = 4, image_size: int = 64, seed: int = 0, exclude=(), fmt: str = "png"
+) -> list:
+    """Write ``SyntheticShapes(size, image_size, seed, exclude)`` as WebDataset tar shards
+    (``{key}.{fmt}`` image, ``{key}.txt`` caption, ``{key}.json`` attributes), item i into shard
+    i % shards; deterministic by seed, byte for byte. Returns the shard paths."""
+    import io
+    import json
+    import tarfile
+    from pathlib import Path
+
+    if fmt not in ("png", "jpg"):
+        raise ValueError(f"fmt={fmt!r}: png or jpg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = SyntheticShapes(size, image_size, seed, exclude)
+    paths = [out / f"shapes-{i:05d}.tar" for i in range(shards)]
+    tars = [tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) for p in paths]
+    try:
+        for i in range(size):
+            item = data[i]
+            img = Image.fromarray((item["image"] * 255).round().byte().permute(1, 2, 0).numpy())
+            buf = io.BytesIO()
+            img.save(buf, "PNG" if fmt == "png" else "JPEG", quality=95)
+            combo = item["combo"]
+            meta = {"colour": combo.colour, "shape": combo.shape, "position": combo.position, "index": i}
+            for ext, payload in (
+                (fmt, buf.getvalue()),
+                ("txt", item["caption"].encode()),
+                ("json", json.dumps(meta, sort_keys=True).encode()),
+            ):
+                info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tars[i % shards].addfile(info, io.BytesIO(payload))
+    finally:
+        for t in tars:
+            t.close()
+    return paths

@@ -44,7 +44,7 @@ from .engine import (
 )
 from .powersgd import attach_comm_hook, build_comm_hook
 from .serialization import load_dvae, save_model
-from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of
+from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of, holdout_combos
 
 __all__ = ["DVAETrainer", "DalleTrainer", "main_dalle", "main_dvae"]
 
@@ -77,7 +77,16 @@ def base_arg_parser(description: str) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", required=True, help="model preset name or YAML config")
-    p.add_argument("--data", default="synthetic", help="data source; 'synthetic' = the captioned-shapes set")
+    p.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (the captioned-shapes set made on the fly), or a stream: WebDataset/Parquet "
+        "shards (folder or glob), an image folder with metadata.jsonl, or a hub dataset id",
+    )
+    p.add_argument("--image-column", default=None, help="stream: image column (default: auto)")
+    p.add_argument("--caption-column", default=None, help="stream: caption column (default: auto)")
+    p.add_argument("--data-workers", type=int, default=2, help="stream: data-loader workers per rank")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="stream: shuffle buffer per worker")
     p.add_argument("--data-size", type=int, default=4096, help="samples per epoch of the synthetic set")
     p.add_argument("--holdout", type=int, default=0, help="synthetic combinations held out of training")
     p.add_argument("--output-dir", required=True)
@@ -152,7 +161,21 @@ class Trainer(abc.ABC):
             attach_comm_hook(self.engine, self.comm_hook)
         self.step = 0
         self.bad_steps = 0
-        self.dataset = self.build_dataset()
+        self.stream, self._stream_it, self.preview = None, None, None
+        if args.data == "synthetic":
+            self.dataset = self.build_dataset()
+        else:
+            from .data import DataConfig, StreamLoader
+
+            cfg = DataConfig(
+                args.data,
+                image_column=args.image_column,
+                caption_column=args.caption_column,
+                image_size=self.image_size(),
+                shuffle_buffer=args.shuffle_buffer,
+                seed=args.seed,
+            )
+            self.stream = StreamLoader(cfg, self.micro, self.rank, self.world, args.data_workers)
         self._perm: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation), built lazily
         torch.manual_seed(args.seed * 7919 + self.rank)  # per-rank noise streams (gumbel, dropout)
         if args.resume:
@@ -172,6 +195,9 @@ class Trainer(abc.ABC):
 
     @abc.abstractmethod
     def build_dataset(self): ...
+
+    @abc.abstractmethod
+    def image_size(self) -> int: ...
 
     def adamw(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
         """AdamW; DeepSpeed's CPU Adam when the config offloads optimizer states to CPU (unless the
@@ -215,8 +241,27 @@ class Trainer(abc.ABC):
         return out
 
     def batch(self, micro_step: int) -> dict:
-        items = [self.dataset[i] for i in self.indices(micro_step)]
-        return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+        if self.stream is not None:  # its own position (restored on resume) replaces micro_step
+            if self._stream_it is None:
+                self._stream_it = iter(self.stream)
+            batch = next(self._stream_it)
+        else:
+            items = [self.dataset[i] for i in self.indices(micro_step)]
+            batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+        if self.preview is None:
+            self.preview = batch  # the first batch: what image grids show
+        return batch
+
+    def data_counts(self) -> dict[str, int]:
+        """Bad-input and sample counters of the stream summed over ranks (collective)."""
+        import torch.distributed as dist
+
+        local = self.stream.counters()
+        keys = sorted({k for counts in _all_gather_object(list(local)) for k in counts})
+        values = torch.tensor([local.get(k, 0) for k in keys], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        return {k: int(v) for k, v in zip(keys, values.tolist(), strict=True)}
 
     # --- checkpoints ---------------------------------------------------------------------
     def save(self) -> None:
@@ -232,6 +277,8 @@ class Trainer(abc.ABC):
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.comm_hook is not None:  # error-feedback buffers and Q's differ per rank
             rng["comm_hook"] = self.comm_hook.state_dict()
+        if self.stream is not None:  # this rank's stream position and bad-input counts
+            rng["data"] = self.stream.state_dict()
         torch.save(rng, self.ckpt_dir / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             torch.save(self.extra_state(), self.ckpt_dir / tag / "trainer_state.pt")
@@ -265,6 +312,8 @@ class Trainer(abc.ABC):
             random.setstate(_as_python_state(rng["python"]))
             if self.comm_hook is not None and "comm_hook" in rng:
                 self.comm_hook.load_state_dict(rng["comm_hook"])
+            if self.stream is not None and "data" in rng:
+                self.stream.load_state_dict(rng["data"])
         state_path = self.ckpt_dir / tag / "trainer_state.pt"
         if state_path.exists():
             self.load_extra_state(torch.load(state_path, weights_only=True))
@@ -394,7 +443,23 @@ class Trainer(abc.ABC):
             self.check_sync()
         if self.rank == 0:
             self.write_images(self.step)
+        if self.stream is not None:
+            counts = self.data_counts()
+            if self.rank == 0:
+                _atomic_write_text(self.out / "data_counts.json", json.dumps(counts, indent=1) + "\n")
+            skipped = {k: v for k, v in counts.items() if k != "samples"}
+            self.log(f"data: {counts.get('samples', 0)} samples used; skipped and counted: {skipped or 'none'}")
         self.log(f"done: {self.step} steps; weights in {final}")
+
+
+def _all_gather_object(obj) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _peak_rss_mb_all_ranks() -> float:
@@ -453,6 +518,9 @@ class DVAETrainer(Trainer):
     def build_dataset(self):
         return SyntheticShapes(self.args.data_size, self.config.image_size, seed=self.args.seed)
 
+    def image_size(self) -> int:
+        return self.config.image_size
+
     def schedules(self) -> tuple[float, float]:
         a = self.args
         tau_steps = a.temperature_steps or a.steps
@@ -502,12 +570,13 @@ class DVAETrainer(Trainer):
     def write_images(self, step: int) -> None:
         from .images import save_grid
 
-        items = [self.dataset[i] for i in range(min(8, len(self.dataset)))]
-        x = torch.stack([it["image"] for it in items])
+        if self.preview is None:
+            return
+        x = self.preview["image"][:8]
         module = self.engine.module
         with torch.no_grad():
             recon = module.decode(module.encode(x))
-        save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(items))
+        save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(x))
 
 
 class DalleTrainer(Trainer):
@@ -545,7 +614,16 @@ class DalleTrainer(Trainer):
         if self.args.tokenizer:
             return load_tokenizer(self.args.tokenizer)
         if self.rank == 0 and not path.exists():
-            train_tokenizer([caption_of(c) for c in ALL_COMBOS], self.config.text_vocab_size, path)
+            if self.args.data == "synthetic":
+                captions = [caption_of(c) for c in ALL_COMBOS]
+            else:  # a quick one from the stream's first captions; train a real one with train_tokenizer.py
+                import itertools
+
+                from .data import DataConfig, iter_captions
+
+                source = DataConfig(self.args.data, caption_column=self.args.caption_column)
+                captions = itertools.islice(iter_captions(source), 100_000)
+            train_tokenizer(captions, self.config.text_vocab_size, path)
         _barrier()
         return load_tokenizer(path)
 
@@ -567,12 +645,15 @@ class DalleTrainer(Trainer):
 
     def build_dataset(self):
         # Held-out combinations (zero-shot evaluation) are a fixed function of the count.
-        self.holdout = random.Random(1234).sample(ALL_COMBOS, self.args.holdout) if self.args.holdout else []
+        self.holdout = holdout_combos(self.args.holdout)
         if self.rank == 0:
             _atomic_write_text(self.out / "holdout.json", json.dumps([caption_of(c) for c in self.holdout]) + "\n")
         return SyntheticShapes(
             self.args.data_size, self.dvae.config.image_size, seed=self.args.seed, exclude=self.holdout
         )
+
+    def image_size(self) -> int:
+        return self.dvae.config.image_size
 
     def write_images(self, step: int) -> None:
         from .images import save_grid
@@ -580,7 +661,12 @@ class DalleTrainer(Trainer):
 
         if zero_stage(self.ds_config) == 3:
             return  # parameters are partitioned; sample from the exported weights instead
-        captions = [caption_of(c) for c in (self.holdout or ALL_COMBOS[:: len(ALL_COMBOS) // 4])[:4]]
+        if self.stream is not None:  # captions of the first batch
+            captions = list(dict.fromkeys(self.preview["caption"]))[:4] if self.preview else []
+        else:
+            captions = [caption_of(c) for c in (self.holdout or ALL_COMBOS[:: len(ALL_COMBOS) // 4])[:4]]
+        if not captions:
+            return
         text = encode_captions(self.tokenizer, captions, self.config)
         module = self.engine.module
         was_training = module.training

@@ -144,12 +144,12 @@ def test_zero3_and_zero0_follow_the_same_loss_trajectory(workdir, dvae_dir):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=1e-3)
 
 
-def crash_and_resume(dvae_dir, out, cfg, *crash_flags, check_crashed=lambda out: None):
+def crash_and_resume(dvae_dir, out, cfg, *crash_flags, check_crashed=lambda out: None, extra=()):
     """Run until the injected failure kills a rank, check the wreck, relaunch with --resume."""
-    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *crash_flags))
+    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *crash_flags, *extra))
     assert crashed.returncode != 0
     check_crashed(out)
-    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume"))
+    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume", *extra))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return resumed
 
@@ -196,6 +196,25 @@ def test_bad_batch_config_fails_before_training_with_the_keys_named(workdir, dva
         in proc.stderr
     )
     assert not (workdir / "bad" / "metrics.jsonl").exists()
+
+
+def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdir, dvae_dir):
+    from dalle_ds.synthetic import write_webdataset
+
+    shards = workdir / "shards"
+    write_webdataset(shards, 96, shards=4, image_size=32, seed=1)
+    cfg = ds_config(workdir, 2)
+    stream = ("--data", shards, "--data-workers", 1, "--shuffle-buffer", 16)
+    ref = workdir / "stream_ref"
+    proc = launch("train_dalle.py", *train_args(dvae_dir, ref, cfg, "--check-sync", *stream))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads((ref / "data_counts.json").read_text())
+    assert counts == {"samples": STEPS * 2 * 2}  # 2 ranks x micro-batch 2 per step, nothing skipped
+    assert "data: 24 samples used; skipped and counted: none" in proc.stdout
+    out = workdir / "stream_crash"
+    crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5, extra=stream)
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-6, atol=1e-6)
+    assert json.loads((out / "data_counts.json").read_text()) == counts  # the resumed stream did not repeat
 
 
 def test_dvae_trainer_runs_its_schedules(workdir):

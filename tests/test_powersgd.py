@@ -16,6 +16,13 @@ from dalle_ds.powersgd import CommHookError, PowerSGD, PowerSGDConfig, build_com
 N, M, R = 12, 10, 2
 
 
+def run_ranks(worker, world: int, *args) -> dict:
+    """Run ``worker(rank, world, port, *args, out)`` in ``world`` processes; returns ``out`` (rank -> result)."""
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(world, free_port(), *args, out), nprocs=world, join=True)
+    return out
+
+
 def _grad(rank: int, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 * step + rank)
     return torch.randn(N, M, generator=g)
@@ -70,10 +77,7 @@ def _worker(rank: int, world: int, port: int, out: dict):
 
 
 def test_matches_pytorch_powersgd_hook_on_real_ddp():
-    world = 2
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    out = run_ranks(_worker, 2)
     ref, mine, ref_q, my_q, (sent, plain) = out[0]
     # Steps 0-1: plain averages; 2-4: compressed with error feedback; all match to fp32 tolerance.
     torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
@@ -109,9 +113,7 @@ def _full_rank_worker(rank, world, port, out):
 
 
 def test_full_rank_equals_the_plain_average_and_error_feedback_tracks_the_sum():
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_full_rank_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    out = run_ranks(_full_rank_worker, 2)
     results, applied = out[0]
     avg = torch.stack([(_grad(0, s) + _grad(1, s)) / 2 for s in range(3)])
     torch.testing.assert_close(results, avg, atol=1e-5, rtol=1e-5)
@@ -149,9 +151,7 @@ def _hierarchical_worker(rank, world, port, out):
 
 def test_hierarchical_2x2_reduces_exactly_in_node_and_compresses_row_shards_across_nodes():
     world = 4
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_hierarchical_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    out = run_ranks(_hierarchical_worker, world)
     mean = {k: sum(_hgrads(r, 0)[k] for r in range(world)) / world for k in SHAPES}
     for rank in range(world):
         results = out[rank][0]

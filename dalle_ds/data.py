@@ -363,7 +363,12 @@ class StreamLoader:
     """This rank's endless stream of batches ``{"image": float (B, 3, S, S) in [0, 1], "caption": [...]}``.
 
     ``state_dict()`` / ``load_state_dict()`` carry the position (epoch, every worker's consumed
-    count) and the bad-input counters through checkpoints. ``counters()`` sums this rank's counts.
+    count, whose turn is next) and the bad-input counters through checkpoints. ``counters()`` sums
+    this rank's counts.
+
+    Batches are taken from the workers in a fixed rotation (a worker leaves it when it is done), not
+    in whatever order the DataLoader returns them: after a resume the DataLoader starts again at
+    worker 0, and the rotation puts the batches back in the uninterrupted run's order.
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0):
@@ -371,16 +376,20 @@ class StreamLoader:
         self.epoch = 0
         self.slots: dict[int, dict] = {}  # slot -> {"consumed", "counts"} at the last delivered batch
         self.past = Counter()  # counts of finished epochs (and epoch-end drops)
+        self.turn: list[int] | None = None  # slots still delivering this epoch, the next one first
         self._it = None
+        self._stash: dict[int, list[dict]] = {}
 
     # -- position ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "slots": json.loads(json.dumps(self.slots)), "past": dict(self.past)}
+        slots = json.loads(json.dumps(self.slots))
+        return {"epoch": self.epoch, "slots": slots, "past": dict(self.past), "turn": self.turn}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
         self.slots = {int(k): v for k, v in state["slots"].items()}
         self.past = Counter(state["past"])
+        self.turn = state.get("turn")
         self._it = None
 
     def counters(self) -> dict[str, int]:
@@ -397,18 +406,29 @@ class StreamLoader:
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
         )
+        if self.turn is None:
+            workers = max(self.num_workers, 1)
+            self.turn = [self.rank * workers + w for w in range(workers)]
+        self._stash = {slot: [] for slot in self.turn}
         return iter(loader)
 
     def _next_local(self) -> dict | None:
         """The next full batch from this rank's workers, or None when all of them are done."""
-        while True:
-            item = next(self._it, None)
-            if item is None:
-                return None
-            if item.get("end"):  # a worker finished: keep its final counts
-                self.slots[item["slot"]] = {"consumed": item["consumed"], "counts": item["counts"]}
+        while self.turn:
+            slot = self.turn[0]
+            while not self._stash[slot]:
+                item = next(self._it, None)
+                if item is None:
+                    raise RuntimeError(f"data worker for slot {slot} stopped without its end marker")
+                self._stash[item["slot"]].append(item)
+            item = self._stash[slot].pop(0)
+            if item.get("end"):  # this worker is done: keep its final counts, drop it from the turn
+                self.slots[slot] = {"consumed": item["consumed"], "counts": item["counts"]}
+                self.turn.pop(0)
                 continue
+            self.turn = self.turn[1:] + [slot]
             return item
+        return None
 
     def __iter__(self):
         import torch.distributed as dist
@@ -444,4 +464,5 @@ class StreamLoader:
         for saved in self.slots.values():
             self.past.update(saved["counts"])
         self.slots = {}
+        self.turn = None
         self.epoch += 1

@@ -108,7 +108,7 @@ def test_resume_continues_without_repeats_or_gaps(tmp_path, workers):
     whole = first_epoch(StreamLoader(cfg, batch_size=2, num_workers=workers))
     loader = StreamLoader(cfg, batch_size=2, num_workers=workers)
     head = []
-    for _, batch in zip(range(4), loader, strict=False):
+    for _, batch in zip(range(3), loader, strict=False):  # odd: worker 1 is next after resume
         head += batch["caption"]
     state = json.loads(json.dumps(loader.state_dict()))  # as stored in a checkpoint
     resumed = StreamLoader(cfg, batch_size=2, num_workers=workers)
@@ -116,8 +116,7 @@ def test_resume_continues_without_repeats_or_gaps(tmp_path, workers):
     tail = first_epoch(resumed)
     assert not set(head) & set(tail)
     assert sorted(head + tail) == sorted(whole)
-    if workers == 0:
-        assert head + tail == whole  # one worker: even the order is the same
+    assert head + tail == whole  # the same batches in the same order
 
 
 def test_bad_input_is_skipped_and_counted(tmp_path):

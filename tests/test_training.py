@@ -204,7 +204,7 @@ def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdi
     shards = workdir / "shards"
     write_webdataset(shards, 96, shards=4, image_size=32, seed=1)
     cfg = ds_config(workdir, 2)
-    stream = ("--data", shards, "--data-workers", 1, "--shuffle-buffer", 16)
+    stream = ("--data", shards, "--data-workers", 2, "--shuffle-buffer", 16)
     ref = workdir / "stream_ref"
     proc = launch("train_dalle.py", *train_args(dvae_dir, ref, cfg, "--check-sync", *stream))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -5,7 +5,9 @@ Sources (all opened with ``datasets.load_dataset(..., streaming=True)``):
 - a hub dataset id (``--data user/name``, with ``image_column`` / ``caption_column``);
 - WebDataset tar shards (``shards/*.tar``: ``jpg``/``png`` + ``txt`` or ``json``);
 - Parquet files (``*.parquet``) whose image column holds bytes, an HF image struct or a local path;
-- an image folder with ``metadata.jsonl`` (``file_name`` + caption).
+- an image folder with ``metadata.jsonl`` (``file_name`` + caption);
+- precomputed dVAE codes (Parquet with a ``codes`` column, from ``scripts/encode_images.py``):
+  batches then carry ``codes`` instead of ``image``, and no image is decoded.
 
 Distribution. The stream's shards (files) are shuffled per epoch by seed and dealt round-robin to
 the (rank, worker) slots, so every slot reads a disjoint part and together they read everything.
@@ -56,6 +58,7 @@ __all__ = [
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
 CAPTION_COLUMNS = ("txt", "caption", "text", "json")
+CODES_COLUMN = "codes"
 WHITE = (255, 255, 255)
 BOILERPLATE = re.compile(
     r"^(image|photo|picture|untitled|no description|stock photo|thumbnail|click to enlarge|"
@@ -91,6 +94,8 @@ class DataConfig:
     """Larger images are skipped as decompression bombs (checked from the header, before decoding)."""
     shuffle_buffer: int = 1000
     seed: int = 0
+    drop_last: bool = True
+    """Drop each worker's last partial batch (training); False keeps it (encoding a whole set)."""
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -140,12 +145,16 @@ def open_source(cfg: DataConfig):
     else:
         ds = datasets.load_dataset(local[0], data_files={"train": local[1]}, split="train", streaming=True)
     columns = list(ds.features or {})
-    image_col = cfg.image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    if cfg.image_column is None and CODES_COLUMN in columns:
+        image_col = CODES_COLUMN  # precomputed dVAE codes
+    else:
+        image_col = cfg.image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
     caption_col = cfg.caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
     for what, col in (("image_column", image_col), ("caption_column", caption_col)):
         if col is None or col not in columns:
             raise ValueError(f"data source {cfg.source!r}: {what}={col!r} not found; columns are {columns}")
-    ds = ds.cast_column(image_col, datasets.Image(decode=False))  # we decode: draft mode, errors counted
+    if image_col != CODES_COLUMN:
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))  # we decode: draft mode, errors counted
     return ds, image_col, caption_col
 
 
@@ -267,11 +276,16 @@ def _image_bytes(value: Any) -> bytes:
 
 
 def process(example: dict, cfg: DataConfig, image_col: str, caption_col: str, rng: random.Random | None):
-    """(uint8 (3, S, S) tensor, caption) or BadSample."""
+    """(uint8 (3, S, S) image or int64 codes, caption) or BadSample."""
     caption = _caption_of(example.get(caption_col))
     problem = caption_problem(caption, cfg.min_caption_words)
     if problem:
         raise BadSample(problem)
+    if image_col == CODES_COLUMN:
+        codes = example.get(image_col)
+        if not codes:
+            raise BadSample("missing_codes")
+        return torch.tensor(codes, dtype=torch.int64), " ".join(caption.split())
     need = -(-cfg.image_size * 9 // 8) if cfg.augment else cfg.image_size
     img = read_image(_image_bytes(example.get(image_col)), need, cfg.max_pixels)
     aspect = img.width / img.height
@@ -318,7 +332,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 # `.iter()` reads the whole shard even inside a DataLoader worker (plain iteration
                 # would split it again among the workers: we deal shards to slots ourselves).
                 for rows in self.ds.shard(num_shards=n, index=index).iter(batch_size=64):
-                    for i in range(len(rows[self.image_col])):
+                    for i in range(len(rows[self.caption_col])):
                         seen += 1
                         if n < slots and (seen - 1) % slots != slot:
                             continue
@@ -336,6 +350,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         seed = (self.cfg.seed * 1_000_003 + self.epoch) * 65_537 + slot
         stream = _shuffled(self._raw(slot, slots, counts), self.cfg.shuffle_buffer, random.Random(seed))
         aug = random.Random(seed + 1)
+        key = "codes" if self.image_col == CODES_COLUMN else "image"
         images, captions, consumed = [], [], 0
         for example in stream:
             consumed += 1
@@ -351,11 +366,14 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             images.append(image)
             captions.append(caption)
             if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), "caption": captions, "slot": slot, "consumed": consumed,
+                yield {key: torch.stack(images), "caption": captions, "slot": slot, "consumed": consumed,
                        "counts": dict(counts)}  # fmt: skip
                 images, captions = [], []
-        if images:  # a partial last batch is not delivered: every batch has batch_size samples
+        if images and self.cfg.drop_last:  # training: every batch has batch_size samples
             counts["dropped_tail_samples"] += len(images)
+        elif images:
+            yield {key: torch.stack(images), "caption": captions, "slot": slot, "consumed": consumed,
+                   "counts": dict(counts)}  # fmt: skip
         yield {"slot": slot, "consumed": consumed, "counts": dict(counts), "end": True}
 
 
@@ -371,8 +389,17 @@ class StreamLoader:
     worker 0, and the rotation puts the batches back in the uninterrupted run's order.
     """
 
-    def __init__(self, cfg: DataConfig, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        epochs: int | None = None,
+    ):
         self.cfg, self.batch_size, self.rank, self.world, self.num_workers = cfg, batch_size, rank, world, num_workers
+        self.epochs = epochs  # stop after this many epochs (None: endless)
         self.epoch = 0
         self.slots: dict[int, dict] = {}  # slot -> {"consumed", "counts"} at the last delivered batch
         self.past = Counter()  # counts of finished epochs (and epoch-end drops)
@@ -435,7 +462,7 @@ class StreamLoader:
 
         joined = self.world > 1 and dist.is_available() and dist.is_initialized()
         empty_epochs = 0
-        while True:
+        while self.epochs is None or self.epoch < self.epochs:
             if self._it is None:
                 self._it = self._open_epoch()
                 delivered = 0
@@ -447,13 +474,16 @@ class StreamLoader:
                 self.slots[item["slot"]] = {"consumed": item["consumed"], "counts": item["counts"]}
                 delivered += 1
                 empty_epochs = 0
-                yield {"image": item["image"].float().div_(255), "caption": item["caption"]}
+                if "codes" in item:
+                    yield {"codes": item["codes"], "caption": item["caption"]}
+                else:
+                    yield {"image": item["image"].float().div_(255), "caption": item["caption"]}
                 continue
             if item is not None:  # another rank ran dry first: this batch waits for the next epoch
                 self.past["dropped_at_epoch_end"] += len(item["caption"])
             self._finish_epoch()
             empty_epochs = empty_epochs + 1 if delivered == 0 else 0
-            if empty_epochs >= 2:
+            if empty_epochs >= 2 or (empty_epochs and self.epochs is not None):
                 raise RuntimeError(
                     f"data source {self.cfg.source!r} gave no complete batch of {self.batch_size} on rank "
                     f"{self.rank} for a whole epoch; bad-input counts: {self.counters()}"

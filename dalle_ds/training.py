@@ -531,6 +531,8 @@ class DVAETrainer(Trainer):
         )
 
     def compute_loss(self, batch):
+        if "image" not in batch:
+            raise DeepSpeedConfigError(f"--data {self.args.data} holds precomputed codes; the dVAE trains on images")
         tau, beta = self.schedules()
         out = self.engine(batch["image"], temperature=tau, kl_weight=beta)
         codes = out.logits.argmax(1)
@@ -682,7 +684,10 @@ class DalleTrainer(Trainer):
         from .text import encode_captions
 
         text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=self.args.bpe_dropout)
-        out = self.engine(text, images=batch["image"])
+        if "codes" in batch:  # precomputed by scripts/encode_images.py: no dVAE pass
+            out = self.engine(text, image_codes=batch["codes"])
+        else:
+            out = self.engine(text, images=batch["image"])
         metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
         return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len
 

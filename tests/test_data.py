@@ -247,3 +247,46 @@ def test_tokenizer_script_round_trips_through_transformers(tmp_path):
     ids = tok("A Blue TRIANGLE at the bottom right")["input_ids"]
     assert tok.unk_token_id not in ids
     assert tok.decode(ids) == "a blue triangle at the bottom right"
+
+
+def test_encode_images_writes_codes_that_decode_to_the_reconstructions(tmp_path):
+    import pyarrow.parquet as pq
+
+    from dalle_ds import DiscreteVAE, get_preset, save_model
+
+    torch.manual_seed(0)
+    dvae = DiscreteVAE(get_preset("dvae-tiny")).eval()
+    save_model(dvae, tmp_path / "dvae")
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for shard in range(2):
+        samples = []
+        for i in range(shard * 5, shard * 5 + 5):
+            arrays[f"sample number {i}"] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arrays[f"sample number {i}"]).save(buf, "PNG")
+            samples.append((f"{i:04d}", {"png": buf.getvalue(), "txt": f"sample number {i}".encode()}))
+        (tmp_path / "shards").mkdir(exist_ok=True)
+        write_shard(tmp_path / "shards" / f"{shard}.tar", samples)
+    script = [sys.executable, str(ROOT / "scripts" / "encode_images.py"), "--dvae", str(tmp_path / "dvae")]
+    script += ["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "codes"), "--workers", "1"]
+    script += ["--batch-size", "3", "--rows-per-file", "2"]
+    for rank in range(2):  # two ranks as the launcher would start them (no process group needed)
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}
+        proc = subprocess.run(script, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pq.read_table(sorted((tmp_path / "codes").glob("codes-*.parquet"))).to_pydict()
+    # rank 0 has 5 samples: batches of 3 + 2, a file whenever >= 2 rows are pending
+    assert len(list((tmp_path / "codes").glob("codes-r0000-*.parquet"))) == 2
+    assert sorted(table["caption"]) == sorted(arrays)  # every sample once, over both ranks
+    for caption, codes in zip(table["caption"], table["codes"], strict=True):
+        image = torch.from_numpy(arrays[caption]).permute(2, 0, 1).float().div(255)[None]
+        with torch.no_grad():
+            expected = dvae.encode(image).reshape(-1)
+            stored = torch.tensor(codes)
+            assert torch.equal(stored, expected)
+            recon = dvae.decode(expected.reshape(1, 8, 8))
+            torch.testing.assert_close(dvae.decode(stored.reshape(1, 8, 8)), recon, atol=0, rtol=0)
+    # The trainers stream the codes folder: batches carry codes, no image is decoded.
+    batch = next(iter(StreamLoader(DataConfig(str(tmp_path / "codes"), shuffle_buffer=1), batch_size=4)))
+    assert set(batch) == {"codes", "caption"} and batch["codes"].shape == (4, 64)

@@ -198,11 +198,15 @@ def test_bad_batch_config_fails_before_training_with_the_keys_named(workdir, dva
     assert not (workdir / "bad" / "metrics.jsonl").exists()
 
 
-def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdir, dvae_dir):
+@pytest.fixture(scope="session")
+def shards(workdir):
     from dalle_ds.synthetic import write_webdataset
 
-    shards = workdir / "shards"
-    write_webdataset(shards, 96, shards=4, image_size=32, seed=1)
+    write_webdataset(workdir / "shards", 96, shards=4, image_size=32, seed=1)
+    return workdir / "shards"
+
+
+def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdir, dvae_dir, shards):
     cfg = ds_config(workdir, 2)
     stream = ("--data", shards, "--data-workers", 2, "--shuffle-buffer", 16)
     ref = workdir / "stream_ref"
@@ -215,6 +219,25 @@ def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdi
     crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5, extra=stream)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-6, atol=1e-6)
     assert json.loads((out / "data_counts.json").read_text()) == counts  # the resumed stream did not repeat
+
+
+def test_dalle_trains_on_codes_precomputed_by_encode_images(workdir, dvae_dir, shards):
+    codes = workdir / "codes"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "encode_images.py"), "--dvae", dvae_dir, "--data", shards]
+        + ["--out", codes, "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = workdir / "codes_run"
+    args = train_args(dvae_dir, out, ds_config(workdir, 2), "--check-sync", "--data", codes, "--data-workers", 1)
+    proc = launch("train_dalle.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    values = losses(out)
+    assert len(values) == STEPS and values[-1] < values[0] - 0.5
+    assert json.loads((out / "data_counts.json").read_text()) == {"samples": STEPS * 2 * 2}
 
 
 def test_dvae_trainer_runs_its_schedules(workdir):

@@ -217,20 +217,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def paper_crop(img: Image.Image, size: int, rng: random.Random | None) -> Image.Image:
     """The paper's augmentation: a square crop near the centre (offset uniform in the middle half
     of the slack), resize to a random side in [size, 9/8 size], random ``size`` crop; no flip.
-    With ``rng=None``: centre square, resized to ``size`` (evaluation)."""
+    With ``rng=None``: centre square, resized to ``size`` (evaluation).
+
+    Done as one antialiased bilinear resize of the final crop's box in source coordinates (the
+    same pixels as resizing the square and then cropping, at a third of the cost of bicubic)."""
     w, h = img.size
     side = min(w, h)
     if rng is None:
-        left, top, target = (w - side) // 2, (h - side) // 2, size
+        left, top = (w - side) / 2, (h - side) / 2
+        box = (left, top, left + side, top + side)
     else:
-        left = round(rng.uniform((w - side) / 4, 3 * (w - side) / 4))
-        top = round(rng.uniform((h - side) / 4, 3 * (h - side) / 4))
+        left = rng.uniform((w - side) / 4, 3 * (w - side) / 4)
+        top = rng.uniform((h - side) / 4, 3 * (h - side) / 4)
         target = rng.randint(size, size * 9 // 8)
-    img = img.crop((left, top, left + side, top + side)).resize((target, target), Image.BICUBIC)
-    if target > size:
         x, y = rng.randint(0, target - size), rng.randint(0, target - size)
-        img = img.crop((x, y, x + size, y + size))
-    return img
+        scale = side / target
+        box = (left + x * scale, top + y * scale, left + (x + size) * scale, top + (y + size) * scale)
+    return img.resize((size, size), Image.BILINEAR, box=box)
 
 
 def caption_problem(caption: Any, min_words: int) -> str | None:
@@ -378,7 +381,9 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 
 
 class StreamLoader:
-    """This rank's endless stream of batches ``{"image": float (B, 3, S, S) in [0, 1], "caption": [...]}``.
+    """This rank's endless stream of batches ``{"image": uint8 (B, 3, S, S), "caption": [...]}`` (or
+    ``"codes"`` (B, grid**2) for precomputed codes). Images stay uint8 until the trainer has moved
+    them to its device (a quarter of the bytes through worker queues and host-to-device copies).
 
     ``state_dict()`` / ``load_state_dict()`` carry the position (epoch, every worker's consumed
     count, whose turn is next) and the bad-input counters through checkpoints. ``counters()`` sums
@@ -474,10 +479,7 @@ class StreamLoader:
                 self.slots[item["slot"]] = {"consumed": item["consumed"], "counts": item["counts"]}
                 delivered += 1
                 empty_epochs = 0
-                if "codes" in item:
-                    yield {"codes": item["codes"], "caption": item["caption"]}
-                else:
-                    yield {"image": item["image"].float().div_(255), "caption": item["caption"]}
+                yield {k: item[k] for k in ("image", "codes", "caption") if k in item}
                 continue
             if item is not None:  # another rank ran dry first: this batch waits for the next epoch
                 self.past["dropped_at_epoch_end"] += len(item["caption"])

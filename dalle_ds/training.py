@@ -248,6 +248,10 @@ class Trainer(abc.ABC):
         else:
             items = [self.dataset[i] for i in self.indices(micro_step)]
             batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+        device = self.engine.device
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if "image" in batch and batch["image"].dtype == torch.uint8:  # streamed images: convert on the device
+            batch["image"] = batch["image"].float().div_(255)
         if self.preview is None:
             self.preview = batch  # the first batch: what image grids show
         return batch
@@ -669,7 +673,7 @@ class DalleTrainer(Trainer):
             captions = [caption_of(c) for c in (self.holdout or ALL_COMBOS[:: len(ALL_COMBOS) // 4])[:4]]
         if not captions:
             return
-        text = encode_captions(self.tokenizer, captions, self.config)
+        text = encode_captions(self.tokenizer, captions, self.config).to(self.engine.device)
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -684,6 +688,7 @@ class DalleTrainer(Trainer):
         from .text import encode_captions
 
         text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=self.args.bpe_dropout)
+        text = text.to(self.engine.device)
         if "codes" in batch:  # precomputed by scripts/encode_images.py: no dVAE pass
             out = self.engine(text, image_codes=batch["codes"])
         else:

@@ -78,7 +78,8 @@ def main() -> None:
 
     with torch.no_grad():
         for batch in loader:
-            codes = dvae.encode(batch["image"].to(args.device)).reshape(len(batch["caption"]), -1)
+            images = batch["image"].to(args.device).float().div_(255)  # the stream delivers uint8
+            codes = dvae.encode(images).reshape(len(batch["caption"]), -1)
             rows["codes"] += codes.to(torch.int16 if dvae.config.codebook_size <= 32767 else torch.int32).tolist()
             rows["caption"] += batch["caption"]
             if tokenizer is not None:

@@ -225,8 +225,9 @@ def test_synthetic_shards_are_deterministic_and_checkable(tmp_path):
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     cfg = DataConfig(str(tmp_path / "a"), image_size=48, augment=False, shuffle_buffer=1)
     batch = next(iter(StreamLoader(cfg, batch_size=24)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (24, 3, 48, 48)
     for image, caption in zip(batch["image"], batch["caption"], strict=True):
-        combo = read_attributes(image)
+        combo = read_attributes(image.float() / 255)
         assert combo is not None and caption.startswith(f"a {combo.colour} {combo.shape}")
 
 

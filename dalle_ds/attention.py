@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .masks import ATTENTION_KINDS, allowed, attention_mask
 
-__all__ = ["ATTENTION_IMPLS", "SparseAttention", "block_attention", "dense_attention", "sparse_attention"]
+__all__ = ["ATTENTION_IMPLS", "KVCache", "SparseAttention", "block_attention", "dense_attention", "sparse_attention"]
 
 ATTENTION_IMPLS = ("block", "dense")
 
@@ -40,11 +40,15 @@ def _cached(key: tuple, build) -> torch.Tensor:
     return mask
 
 
+def _full_mask(kind: str, text_len: int, grid_size: int, conv_kernel: int, device) -> torch.Tensor:
+    key = ("dense", kind, text_len, grid_size, conv_kernel, device)
+    return _cached(key, lambda: attention_mask(kind, text_len, grid_size, conv_kernel, device))
+
+
 def dense_attention(q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11):
     """Reference: SDPA with the full boolean mask. q, k, v: (B, H, n, d), n <= text_len + grid**2."""
     n = q.shape[-2]
-    key = ("dense", kind, text_len, grid_size, conv_kernel, q.device)
-    mask = _cached(key, lambda: attention_mask(kind, text_len, grid_size, conv_kernel, q.device))
+    mask = _full_mask(kind, text_len, grid_size, conv_kernel, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:n, :n])
 
 
@@ -322,13 +326,49 @@ class SparseAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, n, D). With ``cache`` (generation), x holds the positions after the cached ones."""
         B, n, D = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = sparse_attention(
-            q, k, v, self.kind, self.text_len, self.grid_size, self.conv_kernel, self.impl, self.block_rows
-        )  # (B, H, n, hd)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v, self.text_len + self.grid_size**2)
+        if start == 0:
+            y = sparse_attention(
+                q, k, v, self.kind, self.text_len, self.grid_size, self.conv_kernel, self.impl, self.block_rows
+            )  # (B, H, n, hd)
+        else:  # new queries against every cached key they may see: one mask row each
+            mask = _full_mask(self.kind, self.text_len, self.grid_size, self.conv_kernel, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + n, : start + n])
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, n, D)))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, impl={self.impl!r}, heads={self.n_heads}"
+
+
+class KVCache:
+    """Keys and values of the positions generated so far, for one attention layer.
+
+    Preallocated for the whole sequence on the first append. It keeps every position: each new
+    image query reads only its mask row (text plus its row / column / conv window), so a tighter
+    per-kind bound is possible but not done here.
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, m, hd) keys / values; returns views of everything stored so far."""
+        m = k.shape[2]
+        if self.k is None:
+            self.k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            self.v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        if self.length + m > self.k.shape[2]:
+            raise ValueError(f"KVCache: {self.length} + {m} positions exceed the sequence length {self.k.shape[2]}")
+        self.k[:, :, self.length : self.length + m] = k
+        self.v[:, :, self.length : self.length + m] = v
+        self.length += m
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]

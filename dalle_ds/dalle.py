@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import SparseAttention
+from .attention import KVCache, SparseAttention
 from .config import DalleConfig
 from .dvae import DiscreteVAE
 from .masks import layer_schedule
 
-__all__ = ["DALLE", "DalleOutput", "pad_text"]
+__all__ = ["DALLE", "DalleOutput", "filter_logits", "pad_text"]
 
 
 def pad_text(tokens: list[list[int]], config: DalleConfig) -> torch.Tensor:
@@ -70,8 +70,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -157,11 +157,14 @@ class DALLE(nn.Module):
         B, T = text.shape
         if T != c.text_len:
             raise ValueError(f"text has {T} positions, model built for text_len={c.text_len}")
-        L = image_codes.shape[1]
-        pos = torch.arange(L, device=image_codes.device)
         h_text = self.text_emb(text) + self.text_pos.weight[None]
-        h_img = self.image_emb(image_codes) + self.image_row(pos // c.image_grid) + self.image_col(pos % c.image_grid)
-        return self.drop(torch.cat([h_text, h_img], dim=1))
+        return self.drop(torch.cat([h_text, self._image_embed(image_codes, 0)], dim=1))
+
+    def _image_embed(self, codes: torch.Tensor, start: int) -> torch.Tensor:
+        """Embeddings of image codes (B, m) at raster positions start .. start + m - 1."""
+        g = self.config.image_grid
+        pos = torch.arange(start, start + codes.shape[1], device=codes.device)
+        return self.image_emb(codes) + self.image_row(pos // g) + self.image_col(pos % g)
 
     def hidden_states(self, text: torch.Tensor, image_codes: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (B, T + L, d_model) for text and the first L <= N image codes."""
@@ -184,18 +187,46 @@ class DALLE(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, text: torch.Tensor, top_k: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None
+        self,
+        text: torch.Tensor,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        prime: torch.Tensor | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample image codes (B, N) token by token given padded text (B, text_len); no cache."""
+        """Sample image codes (B, N) token by token given padded text (B, text_len).
+
+        ``prime`` (B, L0): the first L0 codes (e.g. the top rows of an encoded image), kept verbatim.
+        ``top_k`` / ``top_p`` restrict each draw (see :func:`filter_logits`). With ``use_cache`` every
+        layer keeps its keys and values, so each step runs one position through the network;
+        without it each step recomputes the whole prefix (the reference the cache is tested against).
+        """
+        c = self.config
         codes = torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device)
-        for _ in range(self.config.image_len):
-            logits = self.next_image_logits(text, codes) / max(temperature, 1e-6)
-            if top_k:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = logits.softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(text.device)
+        if prime is not None:
+            if prime.dim() != 2 or prime.shape[0] != text.shape[0] or prime.shape[1] >= c.image_len:
+                raise ValueError(f"prime must be (B={text.shape[0]}, L < {c.image_len}), got {tuple(prime.shape)}")
+            codes = prime.to(text.device).long()
+
+        def draw(logits):
+            logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+            return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).to(text.device)
+
+        if not use_cache:
+            while codes.shape[1] < c.image_len:
+                codes = torch.cat([codes, draw(self.next_image_logits(text, codes))], dim=1)
+            return codes
+        caches = [KVCache() for _ in self.blocks]
+        w_image = self._unembed_weights()[1].float()
+        h = self.embed(text, codes)  # prefill: text and primed codes in one pass
+        for i in range(codes.shape[1], c.image_len):
+            for block, cache in zip(self.blocks, caches, strict=True):
+                h = block(h, cache)
+            nxt = draw(F.linear(self.ln_f(h[:, -1]).float(), w_image))
             codes = torch.cat([codes, nxt], dim=1)
+            h = self.drop(self._image_embed(nxt, i))
         return codes
 
     def forward(
@@ -233,3 +264,20 @@ class DALLE(nn.Module):
         if return_logits:
             return DalleOutput(loss, text_loss, image_loss, text_logits, image_logits)
         return DalleOutput(loss, text_loss, image_loss, None, None)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits (B, V) with everything outside the top ``top_k`` and outside the smallest set of
+    most likely tokens whose probability reaches ``top_p`` (nucleus) set to -inf; 0 / 1.0 = off.
+    The most likely token always stays."""
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"top_k={top_k} must be >= 0 and top_p={top_p} in (0, 1]")
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of better tokens
+        drop = before >= top_p  # keep a token while the better ones have not reached top_p yet
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits

@@ -146,3 +146,78 @@ def test_next_image_logits_on_a_prefix_match_the_full_forward():
         torch.testing.assert_close(model.next_image_logits(text, flat[:, :L]), full[:, L], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="nothing left to predict"):
         model.next_image_logits(text, flat)
+
+
+def _sampling_model():
+    from dalle_ds import get_preset
+
+    torch.manual_seed(0)
+    config = get_preset("dalle-tiny")
+    model = DALLE(config).eval()
+    # Sharper than an untrained model's near-uniform logits, so top-k / top-p cut real tails.
+    with torch.no_grad():
+        model.image_emb.weight.mul_(8)
+    return config, model, torch.randint(0, config.text_vocab_size, (3, config.text_len))
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 5}, {"top_p": 0.8, "temperature": 0.7}])
+def test_sampling_with_the_kv_cache_equals_sampling_without_it(kw):
+    config, model, text = _sampling_model()
+    for seed in range(3):
+        plain = model.generate(text, generator=torch.Generator().manual_seed(seed), use_cache=False, **kw)
+        cached = model.generate(text, generator=torch.Generator().manual_seed(seed), **kw)
+        assert cached.shape == (3, config.image_len)
+        assert torch.equal(cached, plain)
+
+
+def test_cached_step_logits_match_the_full_forward():
+    from dalle_ds.attention import KVCache
+
+    config, model, text = _sampling_model()
+    codes = torch.randint(0, config.image_vocab_size, (3, config.image_len))
+    caches = [KVCache() for _ in model.blocks]
+    h = model.embed(text, codes[:, :0])
+    w = model.image_emb.weight
+    with torch.no_grad():
+        for i in range(config.image_len - 1):
+            for block, cache in zip(model.blocks, caches, strict=True):
+                h = block(h, cache)
+            step = F.linear(model.ln_f(h[:, -1]), w)
+            torch.testing.assert_close(step, model.next_image_logits(text, codes[:, :i]), atol=1e-4, rtol=1e-4)
+            h = model._image_embed(codes[:, i : i + 1], i)
+
+
+def test_top_k_and_top_p_restrict_the_support_as_specified():
+    from dalle_ds.dalle import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[True, True, False, False, False], [False, False, False, True, True]]
+    # top_p 0.8: the smallest most-likely set reaching 0.8 is {0.5, 0.2, 0.15} (0.85).
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8))
+    assert kept.tolist() == [[True, True, True, False, False], [False, False, True, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).sum(-1).tolist() == [1, 1]  # the best always stays
+    assert torch.isfinite(filter_logits(logits, top_k=4, top_p=0.6)).sum(-1).tolist() == [2, 2]
+    config, model, text = _sampling_model()
+    for top_k in (1, 3):  # every drawn token lies in that step's top k
+        g = torch.Generator().manual_seed(0)
+        codes = model.generate(text, top_k=top_k, generator=g)
+        for i in range(config.image_len):
+            logits = model.next_image_logits(text, codes[:, :i])
+            rank = (logits > logits.gather(1, codes[:, i : i + 1])).sum(-1)
+            assert (rank < top_k).all()
+    with pytest.raises(ValueError, match="top_p"):
+        filter_logits(logits, top_p=0)
+
+
+def test_primed_rows_are_kept_verbatim_and_condition_the_rest():
+    config, model, text = _sampling_model()
+    prime = torch.randint(0, config.image_vocab_size, (3, 2 * config.image_grid))  # the top two rows
+    out = model.generate(text, prime=prime, generator=torch.Generator().manual_seed(0))
+    ref = model.generate(text, prime=prime, generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(out[:, : prime.shape[1]], prime) and torch.equal(out, ref)
+    shifted = (prime + 1) % config.image_vocab_size
+    other = model.generate(text, prime=shifted, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(other[:, prime.shape[1] :], out[:, prime.shape[1] :])
+    with pytest.raises(ValueError, match="prime must be"):
+        model.generate(text, prime=torch.zeros(3, config.image_len, dtype=torch.long))

@@ -618,7 +618,9 @@ class DalleTrainer(Trainer):
 
         path = self.out / "tokenizer.json"
         if self.args.tokenizer:
+            self.tokenizer_path = Path(self.args.tokenizer)
             return load_tokenizer(self.args.tokenizer)
+        self.tokenizer_path = path
         if self.rank == 0 and not path.exists():
             if self.args.data == "synthetic":
                 captions = [caption_of(c) for c in ALL_COMBOS]
@@ -632,6 +634,17 @@ class DalleTrainer(Trainer):
             train_tokenizer(captions, self.config.text_vocab_size, path)
         _barrier()
         return load_tokenizer(path)
+
+    def export(self):
+        """``<output>/final`` as a pipeline folder: weights, tokenizer.json and the dVAE in dvae/."""
+        final = super().export()
+        if self.rank == 0:
+            import shutil
+
+            shutil.copyfile(self.tokenizer_path, final / "tokenizer.json")
+            save_model(self.dvae, final / "dvae")
+        _barrier()
+        return final
 
     def model_blocks(self):
         return self.model.blocks

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, free_port
 
 from dalle_ds import DiscreteVAE, get_preset, load_model, save_model
+from dalle_ds.generation import load_pipeline
 
 STEPS = 6
 
@@ -132,8 +133,8 @@ def test_zero_stages_train_and_keep_ranks_identical(name, workdir, dvae_dir):
     assert values[-1] < values[0] - 0.5, values
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
     assert len(hashes) == 1, "ranks diverged"
-    model = load_model(out / "final")  # consolidated fp32 export from this stage
-    assert sum(p.numel() for p in model.parameters()) == 848640
+    model, _ = load_pipeline(out / "final")  # consolidated fp32 export + tokenizer + dVAE
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 848640
     assert (out / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
 
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Sample images for a caption from a trained pipeline; optionally rerank with CLIP (the paper's N -> k).
+
+    python scripts/generate.py "a red circle at the top left" --checkpoint runs/dalle/final \\
+        --num-candidates 64 --top-k-images 8 --clip openai/clip-vit-base-patch32 --out grid.png
+
+``--checkpoint`` is a pipeline folder (transformer, tokenizer.json, dvae/), as the DALL-E trainer
+exports it. ``--clip`` is a local folder or hub id of a ``transformers`` CLIP model with its
+processor; without it the first ``--top-k-images`` samples are kept. ``--prime-image`` with
+``--prime-rows R`` conditions every sample on the top R rows of that image's codes (the paper's
+image-to-image completions). Writes the grid PNG and ``<out>.json`` (caption, settings, scores).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("caption")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--num-candidates", type=int, default=64)
+    p.add_argument("--top-k-images", type=int, default=8)
+    p.add_argument("--clip", default=None, help="CLIP model folder or hub id for reranking")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely codes (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--prime-image", default=None)
+    p.add_argument("--prime-rows", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    from dalle_ds.generation import load_pipeline, rerank, sample_images
+    from dalle_ds.images import save_grid
+
+    model, tokenizer = load_pipeline(args.checkpoint, map_location=args.device)
+    prime = None
+    if args.prime_image:
+        import numpy as np
+        from PIL import Image
+
+        from dalle_ds.data import paper_crop, to_rgb
+
+        size = model.dvae.config.image_size
+        img = paper_crop(to_rgb(Image.open(args.prime_image)), size, None)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(args.device)
+        with torch.no_grad():
+            prime = model.dvae.encode(x).reshape(-1)[: args.prime_rows * model.config.image_grid]
+    images, _ = sample_images(
+        model,
+        tokenizer,
+        args.caption,
+        args.num_candidates,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        prime=prime,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+    )
+    k = min(args.top_k_images, args.num_candidates)
+    record = {"caption": args.caption, "checkpoint": args.checkpoint, **{a: getattr(args, a) for a in (
+        "num_candidates", "top_k", "top_p", "temperature", "seed", "prime_rows")}}  # fmt: skip
+    if args.clip:
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        clip = CLIPModel.from_pretrained(args.clip).to(args.device).eval()
+        processor, clip_tok = CLIPImageProcessor.from_pretrained(args.clip), AutoTokenizer.from_pretrained(args.clip)
+        images, order, scores = rerank(images, args.caption, k, clip, processor, clip_tok)
+        record.update(kept=order.tolist(), clip_scores=scores.tolist(), reranked_by=args.clip)
+    else:
+        images = images[:k]
+        record.update(kept=list(range(k)))
+    out = save_grid(images, args.out, nrow=min(k, 8))
+    Path(str(out) + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} ({k} of {args.num_candidates} samples{', reranked by CLIP' if args.clip else ''})")
+
+
+if __name__ == "__main__":
+    main()

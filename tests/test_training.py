@@ -379,19 +379,25 @@ def test_two_nodes_x_two_ranks_hierarchical_powersgd(workdir, dvae_dir):
     hostfile = workdir / "hostfile_two_nodes"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
     cfg = hook_config(workdir, "two_nodes", 2, {**RANK4, "hierarchical": True})
-    args = train_args(dvae_dir, out, cfg, "--check-sync")
-    port = str(free_port())
-    launcher = [sys.executable, str(Path(sys.executable).with_name("deepspeed")), "--hostfile", str(hostfile)]
-    launcher += ["--no_ssh", "--master_addr", "127.0.0.1", "--master_port", port]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = train_args(dvae_dir, out, cfg, "--check-sync")[2:]  # launch.sh adds --deepspeed_config
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NO_SSH": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's deepspeed
+    launch_sh = [
+        "bash",
+        str(ROOT / "scripts" / "launch.sh"),
+        str(hostfile),
+        str(cfg),
+        str(ROOT / "scripts" / "train_dalle.py"),
+    ]
     nodes = [
         subprocess.Popen(
-            [*launcher, "--node_rank", str(node), str(ROOT / "scripts" / "train_dalle.py"), *map(str, args)],
+            [*launch_sh, *map(str, args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
-            env=env,
+            env={**env, "NODE_RANK": str(node)},
         )
         for node in (0, 1)
     ]
@@ -402,6 +408,8 @@ def test_two_nodes_x_two_ranks_hierarchical_powersgd(workdir, dvae_dir):
             node.kill()
     for node, log in zip(nodes, logs, strict=True):
         assert node.returncode == 0, log[-4000:]
+    assert "launch check ok: 4 ranks (node-a:2, node-b:2)" in logs[0]
+    assert "GLOO_SOCKET_IFNAME=lo" in (ROOT / ".deepspeed_env").read_text()  # forwarded to every node
     assert "parameters identical on all 4 ranks" in logs[0]
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(4)}
     assert len(hashes) == 1, "ranks diverged"

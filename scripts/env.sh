@@ -20,7 +20,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
             python -m pip install -q "torch==2.13.0"      # no GPU: the CPU build where one is available
         fi
     fi
-    python -m pip install -q -e "$repo[test]"
+    python -m pip install -q -e "${repo}[test]"
     # OpenAI's reference dVAE classes for the compatibility tests; its declared deps pull a
     # torchvision that breaks beside a CPU torch, and it needs only attrs + requests (in [test]).
     python -m pip install -q --no-deps "dall-e==0.1"

@@ -641,8 +641,16 @@ class DalleTrainer(Trainer):
         if self.rank == 0:
             import shutil
 
+            from .hub import write_model_card
+
             shutil.copyfile(self.tokenizer_path, final / "tokenizer.json")
             save_model(self.dvae, final / "dvae")
+            a = self.args
+            settings = {"name": a.preset, "steps": self.step, "global batch": self.global_batch,
+                        "learning rate": a.lr, "data": a.data, "DeepSpeed config": a.deepspeed_config,
+                        "ranks": self.world}  # fmt: skip
+            grids = sorted((self.out / "images").glob("samples_*.png"))
+            write_model_card(final, settings, sample_grid=grids[-1] if grids else None)
         _barrier()
         return final
 

@@ -1,0 +1,69 @@
+"""Hub export: model card, from_pretrained round trip, pickle refusal, push dry run and no-token stop."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from dalle_ds import DALLE, DiscreteVAE, get_preset
+from dalle_ds.generation import save_pipeline
+from dalle_ds.hub import from_pretrained, write_model_card
+from dalle_ds.synthetic import ALL_COMBOS, caption_of
+from dalle_ds.text import encode_captions, train_tokenizer
+
+
+@pytest.fixture
+def exported(tmp_path):
+    torch.manual_seed(0)
+    model = DALLE(get_preset("dalle-tiny")).eval()
+    train_tokenizer([caption_of(c) for c in ALL_COMBOS], 64, tmp_path / "tok.json")
+    folder = save_pipeline(tmp_path / "final", model, tmp_path / "tok.json", DiscreteVAE(get_preset("dvae-tiny")))
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")
+    write_model_card(
+        folder, {"name": "dalle-tiny", "steps": 10, "repo_id": "me/tiny"}, sample_grid=tmp_path / "grid.png"
+    )
+    return model, folder
+
+
+def test_from_pretrained_round_trip_gives_identical_outputs(exported):
+    model, folder = exported
+    loaded, tokenizer = from_pretrained(str(folder))
+    text = encode_captions(tokenizer, ["a red circle at the top left"], loaded.config)
+    codes = torch.randint(0, 128, (1, 64))
+    with torch.no_grad():
+        a, b = model(text, codes, return_logits=True), loaded(text, codes, return_logits=True)
+    assert torch.equal(a.image_logits, b.image_logits) and torch.equal(a.text_logits, b.text_logits)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: dalle-ds\npipeline_tag: text-to-image\n")
+    assert "![samples](samples.png)" in card and '"me/tiny"' in card and "| steps | 10 |" in card
+
+
+def test_pickled_weights_are_refused_unless_asked(exported):
+    model, folder = exported
+    state = {k: v for k, v in model.state_dict().items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled weights"):
+        from_pretrained(str(folder))
+    loaded, _ = from_pretrained(str(folder), allow_pickle=True)
+    assert torch.equal(loaded.image_emb.weight, model.image_emb.weight)
+
+
+def test_push_dry_run_lists_the_files_and_no_token_stops_before_work(exported, tmp_path):
+    _, folder = exported
+    script = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo-id", "me/tiny"]
+    proc = subprocess.run([*script, "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[-1] for line in proc.stdout.splitlines()[:-1]]
+    expected = ["README.md", "config.json", "dvae/config.json", "dvae/model.safetensors", "model.safetensors"]
+    assert listed == sorted(expected + ["samples.png", "tokenizer.json"])
+    assert "7 files -> me/tiny (dry run: nothing uploaded)" in proc.stdout
+    env = {**os.environ, "HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_TOKEN")
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "no Hugging Face token" in proc.stderr

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Evaluate a trained pipeline (and/or a dVAE) and write the numbers as JSON.
+
+    python scripts/evaluate.py --checkpoint runs/dalle/final --holdout runs/dalle/holdout.json \\
+        [--data synthetic|<stream>] [--num 512] [--per-caption 4] [--top-k 32] [--clip MODEL] --out eval.json
+    python scripts/evaluate.py --dvae runs/dvae/final --num 512          # the tokenizer alone
+
+- dVAE: reconstruction MSE / PSNR and codebook use (perplexity, share used, dead codes) on ``--num``
+  images of ``--data``.
+- Transformer: validation loss, split into text and image, on the same images.
+- Synthetic set: caption accuracy of generated images (colour, shape, position and all three, read
+  back by the set's checker) for the held-out captions of ``--holdout`` (the trainer writes
+  holdout.json), else for every combination; ``--clip``: mean CLIP score of those images.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="pipeline folder (transformer + tokenizer + dvae/)")
+    p.add_argument("--dvae", default=None, help="a dVAE folder, to evaluate it alone")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--num", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=12345, help="synthetic images not drawn in training (seed 0)")
+    p.add_argument("--holdout", default=None, help="holdout.json (captions) from the DALL-E trainer")
+    p.add_argument("--per-caption", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--clip", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not (args.checkpoint or args.dvae):
+        p.error("give --checkpoint and/or --dvae")
+
+    from dalle_ds.evaluation import caption_accuracy, dvae_metrics, validation_loss
+    from dalle_ds.generation import clip_scores, load_pipeline
+    from dalle_ds.serialization import load_dvae
+    from dalle_ds.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
+
+    model = tokenizer = None
+    if args.checkpoint:
+        model, tokenizer = load_pipeline(args.checkpoint)
+        dvae = model.dvae
+    else:
+        dvae = load_dvae(args.dvae)
+    size = dvae.config.image_size
+
+    def batches():
+        if args.data == "synthetic":
+            data = SyntheticShapes(args.num, size, seed=args.seed)
+            for start in range(0, args.num, args.batch_size):
+                items = [data[i] for i in range(start, min(start + args.batch_size, args.num))]
+                yield {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+        else:
+            from dalle_ds.data import DataConfig, StreamLoader
+
+            cfg = DataConfig(args.data, image_size=size, augment=False, shuffle_buffer=1, drop_last=False)
+            loader = StreamLoader(cfg, args.batch_size, epochs=1)
+            taken = 0
+            for batch in loader:
+                if taken >= args.num:
+                    break
+                taken += len(batch["caption"])
+                yield {"image": batch["image"].float() / 255, "caption": batch["caption"]}
+
+    result = {"dvae": dvae_metrics(dvae, (b["image"] for b in batches()))}
+    if model is not None:
+        result["validation"] = validation_loss(model, tokenizer, batches())
+        if args.data == "synthetic":
+            combos = list(ALL_COMBOS)
+            if args.holdout:
+                held = set(json.loads(Path(args.holdout).read_text()))
+                combos = [c for c in ALL_COMBOS if caption_of(c) in held]
+            sampling = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+            scores, images, order = caption_accuracy(model, tokenizer, combos, args.per_caption, **sampling)
+            result["caption_accuracy"] = {**scores, "captions": len(combos), "samples": len(order),
+                                          "held_out": bool(args.holdout)}  # fmt: skip
+            if args.clip:
+                from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+                clip = CLIPModel.from_pretrained(args.clip).eval()
+                proc, tok = CLIPImageProcessor.from_pretrained(args.clip), AutoTokenizer.from_pretrained(args.clip)
+                per = [clip_scores(images[i : i + 1], caption_of(c), clip, proc, tok)[0] for i, c in enumerate(order)]
+                result["clip_score"] = float(torch.stack(per).mean())
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -427,6 +427,79 @@ def test_two_nodes_x_two_ranks_hierarchical_powersgd(workdir, dvae_dir):
         assert len(list(step_dir.glob("*optim_states.pt"))) == 4  # one ZeRO-2 shard per rank
 
 
+@pytest.fixture
+def loopback_sshd(tmp_path):
+    """An sshd on a free loopback port that accepts a key made here, plus a PATH directory whose
+    ``ssh`` uses it: what pdsh and DeepSpeed's runner call. Needs Debian's openssh-server + pdsh."""
+    import shutil
+    import time
+
+    missing = [tool for tool in ("pdsh", "ssh", "ssh-keygen") if shutil.which(tool) is None]
+    if missing or not Path("/usr/sbin/sshd").exists():
+        pytest.fail(f"missing {missing or ['sshd']}: apt-get install pdsh openssh-server openssh-client")
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nStrictModes no\nUsePAM no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    (d / "ssh_config").write_text(
+        f"Host *\n  Port {port}\n  IdentityFile {d / 'client_key'}\n  StrictHostKeyChecking no\n"
+        "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  BatchMode yes\n"
+    )
+    bin_dir = d / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {d / "ssh_config"} "$@"\n')
+    wrapper.chmod(0o755)
+    for _ in range(50):  # until it accepts connections
+        probe = subprocess.run([str(wrapper), "127.0.0.1", "true"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            break
+        time.sleep(0.2)
+    else:
+        sshd.kill()
+        pytest.fail(f"sshd on 127.0.0.1:{port} did not accept the test key: {probe.stderr.decode()[-500:]}")
+    yield bin_dir
+    sshd.kill()
+
+
+@pytest.mark.slow
+def test_pdsh_launch_over_ssh_to_two_loopback_hosts(workdir, dvae_dir, loopback_sshd):
+    """The default multi-node path: launch.sh -> deepspeed --hostfile -> pdsh -> ssh -> each "node"
+    (localhost and 127.0.0.1, one rank each), remote ranks in this venv through --venv_script."""
+    out = workdir / "pdsh"
+    hostfile = workdir / "hostfile_pdsh"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    cfg = hook_config(workdir, "pdsh", 2, {**RANK4, "hierarchical": True})
+    args = train_args(dvae_dir, out, cfg, "--check-sync")[2:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env["PATH"] = f"{loopback_sshd}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DS_EXTRA"] = f"--venv_script {Path(sys.executable).parent / 'activate'}"
+    env["DS_ENV_VARS"] = "OMP_NUM_THREADS"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "launch.sh"), str(hostfile), str(cfg), str(ROOT / "scripts" / "train_dalle.py")]
+        + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "pdsh" in log and "launch check ok: 2 ranks (localhost:1, 127.0.0.1:1)" in log
+    assert "parameters identical on all 2 ranks" in log
+    assert (out / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
+
+
 @pytest.mark.slow
 def test_powersgd_rank4_loss_within_3_percent_of_uncompressed(workdir, dvae_dir):
     """40 steps of the tiny preset; measured here: +2.6% (mean of the last 5 losses), rank 4 from step 10."""

@@ -324,7 +324,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self.state = state  # slot -> {"consumed": int, "counts": {...}} at the last delivered batch
         self.ds, self.image_col, self.caption_col = open_source(cfg)
 
-    def _raw(self, slot: int, slots: int, counts: Counter) -> Iterator[dict]:
+    def _raw(self, slot: int, slots: int, on_bad_shard) -> Iterator[dict]:
         n = self.ds.num_shards
         order = list(range(n))
         random.Random(self.cfg.seed * 1_000_003 + self.epoch).shuffle(order)
@@ -341,7 +341,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                             continue
                         yield {k: v[i] for k, v in rows.items()}
             except Exception as err:  # a shard the reader cannot parse: skip the rest of it
-                counts["bad_shards"] += 1
+                on_bad_shard()
                 warnings.warn(f"skipping the rest of data shard {index} of {self.cfg.source}: {err!r}", stacklevel=1)
 
     def __iter__(self):
@@ -351,10 +351,16 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         saved = self.state.get(slot, {})
         skip, counts = saved.get("consumed", 0), Counter(saved.get("counts", {}))
         seed = (self.cfg.seed * 1_000_003 + self.epoch) * 65_537 + slot
-        stream = _shuffled(self._raw(slot, slots, counts), self.cfg.shuffle_buffer, random.Random(seed))
+        consumed = 0
+
+        def on_bad_shard():  # a replayed failure was counted before the checkpoint already
+            if consumed >= skip:
+                counts["bad_shards"] += 1
+
+        stream = _shuffled(self._raw(slot, slots, on_bad_shard), self.cfg.shuffle_buffer, random.Random(seed))
         aug = random.Random(seed + 1)
         key = "codes" if self.image_col == CODES_COLUMN else "image"
-        images, captions, consumed = [], [], 0
+        images, captions = [], []
         for example in stream:
             consumed += 1
             if consumed <= skip:  # resume: replay without decoding

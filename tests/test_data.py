@@ -152,6 +152,15 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
     expected = {"corrupt_image": 2, "empty_caption": 1, "boilerplate_caption": 1, "short_caption": 1}
     expected.update(aspect_ratio=1, decompression_bomb=1, bad_shards=1, samples=6)
     assert {k: counts.get(k, 0) for k in expected} == expected
+    # Resumed mid-epoch, the replay does not count again what the checkpoint already holds.
+    for stop in (1, 3, 5):
+        head = StreamLoader(cfg, batch_size=1)
+        for _, _batch in zip(range(stop), head, strict=False):
+            pass
+        resumed = StreamLoader(cfg, batch_size=1)
+        resumed.load_state_dict(head.state_dict())
+        first_epoch(resumed)
+        assert resumed.state_dict()["past"] == counts, stop
 
 
 def test_json_captions_and_parquet_and_image_folder_sources(tmp_path):

@@ -11,8 +11,8 @@
 #   LAUNCHER                   pdsh (default), openmpi, mvapich, slurm, mpich, impi
 #   NO_SSH=1 NODE_RANK=i       start this node's ranks only, no ssh (one call per node; e.g. under
 #                              SLURM: srun --ntasks-per-node=1 env NO_SSH=1 NODE_RANK=$SLURM_NODEID ...)
-#   DS_ENV_VARS                space-separated names of variables to forward to every node through
-#                              .deepspeed_env (default: the NCCL_*, FI_*, GLOO_*, CUDA_* set here)
+#   DS_ENV_VARS                space-separated names of variables to forward to every node (with
+#                              ./.deepspeed_env's lines; default: the NCCL_*, FI_*, GLOO_*, CUDA_* set)
 #   DS_EXTRA                   more launcher arguments, e.g. "--venv_script /opt/venv/bin/activate"
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
@@ -25,12 +25,18 @@ shift 3
 python -m dalle_ds.cluster "$hostfile" --deepspeed_config "$config" \
     ${INCLUDE:+--include "$INCLUDE"} ${EXCLUDE:+--exclude "$EXCLUDE"} -- "$@"
 
-# DeepSpeed copies the NAME=VALUE lines of .deepspeed_env (working directory) to every node.
+# DeepSpeed exports the NAME=VALUE lines of its env file to every node. Ours lives in a temporary
+# file (DS_ENV_FILE) that starts with your own ./.deepspeed_env, which is left untouched.
 names=${DS_ENV_VARS:-$(compgen -e | grep -E '^(NCCL_|FI_|GLOO_|CUDA_|TORCH_NCCL_)' || true)}
-: > .deepspeed_env
+env_file=$(mktemp "${TMPDIR:-/tmp}/dalle-ds-env.XXXXXX")
+trap 'rm -f "$env_file"' EXIT
+if [[ -f .deepspeed_env ]]; then
+    cat .deepspeed_env >> "$env_file"
+fi
 for name in $names; do
-    printf '%s=%s\n' "$name" "${!name}" >> .deepspeed_env
+    printf '%s=%s\n' "$name" "${!name}" >> "$env_file"
 done
+export DS_ENV_FILE=$env_file
 
 args=(--hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}")
 [[ -n ${MASTER_ADDR:-} ]] && args+=(--master_addr "$MASTER_ADDR")
@@ -42,4 +48,4 @@ if [[ ${NO_SSH:-0} == 1 ]]; then
 fi
 # shellcheck disable=SC2206
 [[ -n ${DS_EXTRA:-} ]] && args+=($DS_EXTRA)
-exec deepspeed "${args[@]}" "$script" --deepspeed_config "$config" "$@"
+deepspeed "${args[@]}" "$script" --deepspeed_config "$config" "$@"

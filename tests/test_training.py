@@ -409,7 +409,6 @@ def test_two_nodes_x_two_ranks_hierarchical_powersgd(workdir, dvae_dir):
     for node, log in zip(nodes, logs, strict=True):
         assert node.returncode == 0, log[-4000:]
     assert "launch check ok: 4 ranks (node-a:2, node-b:2)" in logs[0]
-    assert "GLOO_SOCKET_IFNAME=lo" in (ROOT / ".deepspeed_env").read_text()  # forwarded to every node
     assert "parameters identical on all 4 ranks" in logs[0]
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(4)}
     assert len(hashes) == 1, "ranks diverged"
@@ -496,6 +495,7 @@ def test_pdsh_launch_over_ssh_to_two_loopback_hosts(workdir, dvae_dir, loopback_
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "pdsh" in log and "launch check ok: 2 ranks (localhost:1, 127.0.0.1:1)" in log
+    assert "export OMP_NUM_THREADS=1" in log  # forwarded to every node through the env file
     assert "parameters identical on all 2 ranks" in log
     assert (out / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
 

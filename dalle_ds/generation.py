@@ -16,7 +16,7 @@ import torch
 from .dalle import DALLE
 from .serialization import load_dvae, load_model, save_model
 
-__all__ = ["clip_scores", "load_pipeline", "rerank", "sample_images", "save_pipeline"]
+__all__ = ["add_pipeline_parts", "clip_scores", "load_pipeline", "rerank", "sample_images", "save_pipeline"]
 
 TOKENIZER_FILE = "tokenizer.json"
 DVAE_DIR = "dvae"
@@ -24,8 +24,13 @@ DVAE_DIR = "dvae"
 
 def save_pipeline(directory, model: DALLE, tokenizer_file, dvae) -> Path:
     """Write the transformer, its tokenizer and its dVAE into one folder."""
-    directory = Path(directory)
     save_model(model, directory)
+    return add_pipeline_parts(directory, tokenizer_file, dvae)
+
+
+def add_pipeline_parts(directory, tokenizer_file, dvae) -> Path:
+    """Add the tokenizer and the dVAE to a folder that holds the transformer (e.g. an export)."""
+    directory = Path(directory)
     shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
     save_model(dvae, directory / DVAE_DIR)
     return directory

@@ -258,14 +258,11 @@ class Trainer(abc.ABC):
 
     def data_counts(self) -> dict[str, int]:
         """Bad-input and sample counters of the stream summed over ranks (collective)."""
-        import torch.distributed as dist
-
-        local = self.stream.counters()
-        keys = sorted({k for counts in _all_gather_object(list(local)) for k in counts})
-        values = torch.tensor([local.get(k, 0) for k in keys], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(values)
-        return {k: int(v) for k, v in zip(keys, values.tolist(), strict=True)}
+        total: dict[str, int] = {}
+        for counts in _all_gather_object(self.stream.counters()):
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + v
+        return dict(sorted(total.items()))
 
     # --- checkpoints ---------------------------------------------------------------------
     def save(self) -> None:
@@ -342,7 +339,6 @@ class Trainer(abc.ABC):
         import hashlib
 
         import deepspeed
-        import torch.distributed as dist
 
         params = [p for p in self.engine.module.parameters() if p.requires_grad]
         gather = (
@@ -353,8 +349,7 @@ class Trainer(abc.ABC):
             for p in params:
                 digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         mine = digest.hexdigest()
-        every = [None] * self.world
-        dist.all_gather_object(every, mine)
+        every = _all_gather_object(mine)
         _atomic_write_text(self.out / f"param_sha256_rank{self.rank}.txt", mine + "\n")
         if len(set(every)) != 1:
             raise RuntimeError(f"ranks hold different parameters: {every}")
@@ -639,12 +634,10 @@ class DalleTrainer(Trainer):
         """``<output>/final`` as a pipeline folder: weights, tokenizer.json and the dVAE in dvae/."""
         final = super().export()
         if self.rank == 0:
-            import shutil
-
+            from .generation import add_pipeline_parts
             from .hub import write_model_card
 
-            shutil.copyfile(self.tokenizer_path, final / "tokenizer.json")
-            save_model(self.dvae, final / "dvae")
+            add_pipeline_parts(final, self.tokenizer_path, self.dvae)
             a = self.args
             settings = {"name": a.preset, "steps": self.step, "global batch": self.global_batch,
                         "learning rate": a.lr, "data": a.data, "DeepSpeed config": a.deepspeed_config,

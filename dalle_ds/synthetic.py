@@ -27,6 +27,7 @@ __all__ = [
     "holdout_combos",
     "read_attributes",
     "render",
+    "write_tar",
     "write_webdataset",
 ]
 
@@ -139,6 +140,20 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return {"image": image, "caption": caption_of(combo), "combo": combo}
 
 
+def write_tar(path, samples) -> None:
+    """One WebDataset shard: ``samples`` are (key, {extension: bytes}); members ``{key}.{extension}``
+    with fixed mtime and mode, so the same samples give the same bytes."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, payload in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+
+
 def write_webdataset(
     out_dir, size: int, shards: int = 4, image_size: int = 64, seed: int = 0, exclude=(), fmt: str = "png"
 ) -> list:
@@ -147,7 +162,6 @@ def write_webdataset(
     i % shards; deterministic by seed, byte for byte. Returns the shard paths."""
     import io
     import json
-    import tarfile
     from pathlib import Path
 
     if fmt not in ("png", "jpg"):
@@ -155,25 +169,21 @@ def write_webdataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = SyntheticShapes(size, image_size, seed, exclude)
+
+    def sample(i: int):
+        item = data[i]
+        img = Image.fromarray((item["image"] * 255).round().byte().permute(1, 2, 0).numpy())
+        buf = io.BytesIO()
+        img.save(buf, "PNG" if fmt == "png" else "JPEG", quality=95)
+        combo = item["combo"]
+        meta = {"colour": combo.colour, "shape": combo.shape, "position": combo.position, "index": i}
+        return f"{i:08d}", {
+            fmt: buf.getvalue(),
+            "txt": item["caption"].encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(),
+        }
+
     paths = [out / f"shapes-{i:05d}.tar" for i in range(shards)]
-    tars = [tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) for p in paths]
-    try:
-        for i in range(size):
-            item = data[i]
-            img = Image.fromarray((item["image"] * 255).round().byte().permute(1, 2, 0).numpy())
-            buf = io.BytesIO()
-            img.save(buf, "PNG" if fmt == "png" else "JPEG", quality=95)
-            combo = item["combo"]
-            meta = {"colour": combo.colour, "shape": combo.shape, "position": combo.position, "index": i}
-            for ext, payload in (
-                (fmt, buf.getvalue()),
-                ("txt", item["caption"].encode()),
-                ("json", json.dumps(meta, sort_keys=True).encode()),
-            ):
-                info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tars[i % shards].addfile(info, io.BytesIO(payload))
-    finally:
-        for t in tars:
-            t.close()
+    for shard, path in enumerate(paths):
+        write_tar(path, (sample(i) for i in range(shard, size, shards)))
     return paths

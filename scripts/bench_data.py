@@ -33,6 +33,7 @@ from PIL import Image
 
 from dalle_ds import get_preset
 from dalle_ds.data import DataConfig, StreamLoader, paper_crop, read_image
+from dalle_ds.synthetic import write_tar
 from dalle_ds.text import encode_captions, train_tokenizer
 
 
@@ -49,16 +50,11 @@ def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
 
 
 def write_shards(root: Path, jpegs: list[bytes], captions: list[str], shards: int) -> None:
-    import tarfile
-
-    tars = [tarfile.open(root / f"bench-{i:03d}.tar", "w") for i in range(shards)]
-    for i, (data, caption) in enumerate(zip(jpegs, captions, strict=True)):
-        for ext, payload in (("jpg", data), ("txt", caption.encode())):
-            info = tarfile.TarInfo(f"{i:08d}.{ext}")
-            info.size = len(payload)
-            tars[i % shards].addfile(info, io.BytesIO(payload))
-    for t in tars:
-        t.close()
+    samples = [
+        (f"{i:08d}", {"jpg": d, "txt": c.encode()}) for i, (d, c) in enumerate(zip(jpegs, captions, strict=True))
+    ]
+    for shard in range(shards):
+        write_tar(root / f"bench-{shard:03d}.tar", samples[shard::shards])
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 
 import numpy as np
@@ -19,23 +18,13 @@ from conftest import ROOT, free_port
 from PIL import Image
 
 from dalle_ds.data import DataConfig, StreamLoader, caption_problem, paper_crop, read_image, to_rgb
-from dalle_ds.synthetic import read_attributes, write_webdataset
+from dalle_ds.synthetic import read_attributes, write_tar, write_webdataset
 
 
 def png(size=(24, 24), colour=(200, 30, 30), mode="RGB", fmt="PNG") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, colour).save(buf, fmt)
     return buf.getvalue()
-
-
-def write_shard(path, samples) -> None:
-    """samples: (key, {ext: bytes})"""
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, payload in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
 
 
 def numbered_shards(root, sizes) -> list[str]:
@@ -48,7 +37,7 @@ def numbered_shards(root, sizes) -> list[str]:
         for _ in range(size):
             samples.append((f"{n:06d}", {"png": image, "txt": f"sample number {n}".encode()}))
             n += 1
-        write_shard(root / f"part-{i:03d}.tar", samples)
+        write_tar(root / f"part-{i:03d}.tar", samples)
         names.append(str(root / f"part-{i:03d}.tar"))
     return names
 
@@ -139,7 +128,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
         ("11", {"png": png(mode="I;16", colour=65535), "txt": b"a sixteen bit square"}),
         ("12", {"png": png(mode="P", colour=3), "txt": b"a palette square here"}),
     ]  # one set of extensions per WebDataset (datasets infers the columns from the first samples)
-    write_shard(tmp_path / "a.tar", samples)
+    write_tar(tmp_path / "a.tar", samples)
     (tmp_path / "b.tar").write_bytes(b"this is no tar file " * 40)  # an unreadable shard
     cfg = DataConfig(str(tmp_path), image_size=16, max_pixels=1_000_000, shuffle_buffer=1, augment=False)
     loader = StreamLoader(cfg, batch_size=1)
@@ -169,7 +158,7 @@ def test_json_captions_and_parquet_and_image_folder_sources(tmp_path):
     (tmp_path / "w").mkdir()
     json_samples = [(f"{i}", {"jpg": png(fmt="JPEG"), "json": json.dumps({"caption": f"json caption {i}"}).encode()})
                     for i in range(3)]  # fmt: skip
-    write_shard(tmp_path / "w" / "a.tar", json_samples)
+    write_tar(tmp_path / "w" / "a.tar", json_samples)
     (tmp_path / "p").mkdir()
     rows = {"image": [{"bytes": png(), "path": None}] * 3, "caption": [f"parquet caption {i}" for i in range(3)]}
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
@@ -277,7 +266,7 @@ def test_encode_images_writes_codes_that_decode_to_the_reconstructions(tmp_path)
             Image.fromarray(arrays[f"sample number {i}"]).save(buf, "PNG")
             samples.append((f"{i:04d}", {"png": buf.getvalue(), "txt": f"sample number {i}".encode()}))
         (tmp_path / "shards").mkdir(exist_ok=True)
-        write_shard(tmp_path / "shards" / f"{shard}.tar", samples)
+        write_tar(tmp_path / "shards" / f"{shard}.tar", samples)
     script = [sys.executable, str(ROOT / "scripts" / "encode_images.py"), "--dvae", str(tmp_path / "dvae")]
     script += ["--data", str(tmp_path / "shards"), "--out", str(tmp_path / "codes"), "--workers", "1"]
     script += ["--batch-size", "3", "--rows-per-file", "2"]

@@ -4,6 +4,12 @@ Submodule names follow OpenAI's ``dall_e`` package (``blocks.group_1.block_1.res
 so its weights load after renaming ``.w``/``.b`` to ``.weight``/``.bias``
 (see :mod:`dalle_ds.openai_dvae`); outputs then match to float precision.
 
+``quantizer: vq`` swaps the gumbel relaxation for straight-through vector quantisation with an EMA
+codebook and dead-code restarts (:class:`VectorQuantizer`): the encoder then outputs ``vq_dim``
+channels and the decoder reads codebook vectors. Small runs need it: the gumbel recipe's schedules
+assume hundreds of thousands of steps, and in a few minutes it collapses onto a fraction of the
+codebook (DESIGN.md section 10).
+
 Likelihood is the logit-Laplace distribution of the paper: pixels are mapped
 into ``[eps, 1 - eps]`` (``map_pixels``) before encoding; the decoder predicts
 ``mu`` and ``log b`` per channel and the reconstruction is ``unmap_pixels(sigmoid(mu))``.
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -27,6 +33,7 @@ __all__ = [
     "Decoder",
     "DiscreteVAE",
     "Encoder",
+    "VectorQuantizer",
     "kl_to_uniform",
     "logit_laplace_nll",
     "map_pixels",
@@ -112,7 +119,7 @@ def _blocks(config: DVAEConfig, input_conv: nn.Conv2d, widths: list[int], kernel
 
 
 class Encoder(nn.Module):
-    """Mapped pixels (B, C, H, W) -> code logits (B, K, H / f, W / f)."""
+    """Mapped pixels (B, C, H, W) -> code logits (B, K, H / f, W / f); vectors (B, vq_dim, ...) for 'vq'."""
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
@@ -124,7 +131,7 @@ class Encoder(nn.Module):
             widths,
             (3, 3, 3, 1),
             lambda: ("pool", nn.MaxPool2d(kernel_size=2)),
-            c.codebook_size,
+            c.vq_dim if c.quantizer == "vq" else c.codebook_size,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,15 +140,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """One-hot (or relaxed) codes (B, K, h, w) -> (B, 2C, h * f, w * f): C means, C log-scales."""
+    """One-hot (or relaxed) codes (B, K, h, w) -> (B, 2C, h * f, w * f): C means, C log-scales.
+    For 'vq' the input is codebook vectors (B, vq_dim, h, w)."""
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
         self.config = c = config
+        self.in_channels = c.vq_dim if c.quantizer == "vq" else c.codebook_size
         widths = [c.n_hid * 2**g for g in reversed(range(c.group_count))]
         self.blocks = _blocks(
             c,
-            _conv(c.codebook_size, c.n_init, 1),
+            _conv(self.in_channels, c.n_init, 1),
             widths,
             (1, 3, 3, 3),
             lambda: ("upsample", nn.Upsample(scale_factor=2, mode="nearest")),
@@ -149,63 +158,203 @@ class Decoder(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        _check_input(z, self.config.codebook_size, "Decoder")
+        _check_input(z, self.in_channels, "Decoder")
         return self.blocks(z)
 
 
 class DVAEOutput(NamedTuple):
     """Model outputs; a NamedTuple so engines that hook module outputs (ZeRO-3) see the tensors."""
 
-    loss: torch.Tensor  # ELBO-style loss in nats per pixel dimension
+    loss: torch.Tensor  # training loss: reconstruction term + KL (gumbel) or commitment (vq) term
     recon_nll: torch.Tensor  # logit-Laplace NLL, mean per pixel dimension
-    kl: torch.Tensor  # KL to uniform, mean per code position
-    logits: torch.Tensor  # (B, K, h, w) encoder logits
+    kl: torch.Tensor  # gumbel: KL to uniform, mean per code position; vq: 0
+    logits: torch.Tensor  # (B, K, h, w) encoder logits; vq: negative squared distances to the codes
     reconstruction: torch.Tensor  # (B, C, H, W) in [0, 1]
+    commitment: torch.Tensor  # vq: mean squared distance of encoder outputs to their codes; gumbel: 0
+
+
+class Collectives(Protocol):
+    """What the quantiser needs from a process group (the trainer passes torch.distributed's)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None: ...
+
+    def broadcast(self, tensor: torch.Tensor) -> None: ...
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour quantisation against an EMA codebook (van den Oord et al. 2017, App. A.1).
+
+    In training mode every forward pass updates the codebook: assignment counts and summed
+    encoder outputs are averaged into EMA statistics (``decay``), and codes whose EMA count drops
+    below ``dead_threshold`` restart at random encoder outputs of the batch. The first training
+    pass initialises every code from the batch. With several data-parallel ranks, set
+    ``collectives``: the statistics are summed over ranks and restart vectors come from rank 0, so
+    every rank keeps the same codebook.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, decay: float, dead_threshold: float):
+        super().__init__()
+        self.decay, self.dead_threshold = decay, dead_threshold
+        self.collectives: Collectives | None = None
+        self.register_buffer("codebook", torch.randn(codebook_size, dim))
+        self.register_buffer("cluster_size", torch.zeros(codebook_size))
+        self.register_buffer("embed_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def distances(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, D) vectors -> (N, K) squared distances to every code."""
+        book = self.codebook.float()
+        z = z.float()
+        return (z * z).sum(1, keepdim=True) - 2 * z @ book.t() + (book * book).sum(1)[None]
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, D, h, w) codebook vectors."""
+        return F.embedding(codes.long(), self.codebook).permute(0, 3, 1, 2)
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.collectives is not None:
+            self.collectives.all_reduce_sum(tensor)
+        return tensor
+
+    def _samples(self, flat: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` random rows of ``flat``, drawn in proportion to ``weights`` when given (rank 0's
+        draw, when there are several ranks)."""
+        if weights is None or not bool((weights > 0).any()):
+            rows = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+        else:
+            rows = torch.multinomial(weights.float(), n, replacement=True)
+        picks = flat[rows].float().contiguous()
+        if self.collectives is not None:
+            self.collectives.broadcast(picks)
+        return picks
+
+    @torch.no_grad()
+    def update(self, flat: torch.Tensor, codes: torch.Tensor, error: torch.Tensor | None = None) -> None:
+        """One EMA step from encoder outputs ``flat`` (N, D) assigned to ``codes`` (N,).
+
+        Dead codes restart at outputs drawn in proportion to ``error`` (N,), their squared distance
+        to the code they got (k-means++ style): in images that are mostly flat background, uniform
+        draws would land almost every restart on the background and the codes would die again."""
+        k = self.codebook.shape[0]
+        flat = flat.float()
+        counts = torch.bincount(codes, minlength=k).float()
+        sums = torch.zeros(k, flat.shape[1], device=flat.device).index_add_(0, codes, flat)
+        counts, sums = self._sum(counts), self._sum(sums)
+        if not bool(self.initialized):  # one assignment's weight each: unused codes restart soon
+            fresh = self._samples(flat, k)
+            self.codebook.copy_(fresh)
+            self.cluster_size.fill_(1.0)
+            self.embed_sum.copy_(fresh)
+            self.initialized.fill_(True)
+            return
+        size = self.cluster_size.float().mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        embed_sum = self.embed_sum.float().mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = size.sum()
+        smoothed = (size + 1e-5) / (total + k * 1e-5) * total  # Laplace smoothing: no division by 0
+        book = embed_sum / smoothed[:, None]
+        dead = size < self.dead_threshold
+        n_dead = int(dead.sum())  # equal on every rank: the statistics are summed over ranks
+        if n_dead:
+            fresh = self._samples(flat, n_dead, error)
+            book[dead] = fresh
+            size[dead] = self.dead_threshold
+            embed_sum[dead] = fresh * self.dead_threshold
+        self.cluster_size.copy_(size)
+        self.embed_sum.copy_(embed_sum)
+        self.codebook.copy_(book)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, D, h, w) encoder outputs -> (straight-through quantised vectors, codes (B, h, w),
+        negative squared distances (B, K, h, w))."""
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        dist = self.distances(flat)
+        error, codes = dist.min(1)
+        if self.training:
+            self.update(flat.detach(), codes, error.clamp_min(0))
+        quantised = self.lookup(codes.view(b, h, w)).to(z.dtype)
+        neg = (-dist).view(b, h, w, -1).permute(0, 3, 1, 2)
+        return z + (quantised - z).detach(), codes.view(b, h, w), neg
 
 
 class DiscreteVAE(nn.Module):
-    """Encoder + decoder with gumbel-softmax relaxation for training, argmax codes for use."""
+    """Encoder + quantiser + decoder: gumbel-softmax relaxation (the paper) or EMA vector
+    quantisation (``quantizer: vq``) in training, nearest / argmax codes for use."""
 
     def __init__(self, config: DVAEConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        if config.quantizer == "vq":
+            self.quantizer = VectorQuantizer(config.codebook_size, config.vq_dim, config.vq_decay,
+                                             config.vq_dead_threshold)  # fmt: skip
+        else:
+            self.quantizer = None
 
     @property
     def grid_size(self) -> int:
         return self.config.grid_size
 
     def forward(
-        self, images: torch.Tensor, temperature: float = 1.0, kl_weight: float = 0.0, hard: bool = False
+        self,
+        images: torch.Tensor,
+        temperature: float = 1.0,
+        kl_weight: float = 0.0,
+        hard: bool = False,
+        commitment: float = 0.25,
+        recon_loss: str = "logit_laplace",
     ) -> DVAEOutput:
-        """Training step. images: (B, C, H, W) in [0, 1]."""
+        """Training step. images: (B, C, H, W) in [0, 1]. gumbel: ``temperature``, ``kl_weight``,
+        ``hard``; vq: ``commitment`` weights the pull of encoder outputs towards their codes.
+
+        ``recon_loss``: 'logit_laplace' (the paper's NLL) or 'mse' (squared error of the predicted
+        means, in mapped pixel space). On small images of flat shapes on a white background the
+        NLL rewards ever-sharper scales on the background and leaves most of the codebook unused;
+        MSE weights every pixel alike. ``recon_nll`` is reported either way."""
+        if recon_loss not in ("logit_laplace", "mse"):
+            raise ValueError(f"recon_loss={recon_loss!r}: 'logit_laplace' or 'mse'")
         _check_input(images, self.config.channels, "DiscreteVAE")
         x = map_pixels(images.float())
-        logits = self.encoder(x)  # (B, K, h, w)
-        z = F.gumbel_softmax(logits.float(), tau=temperature, hard=hard, dim=1).to(logits.dtype)
+        zero = x.new_zeros(())
+        if self.quantizer is not None:
+            z_e = self.encoder(x)
+            z, _, logits = self.quantizer(z_e)
+            commit = F.mse_loss(z_e.float(), z.detach().float())
+            kl = zero
+        else:
+            logits = self.encoder(x)  # (B, K, h, w)
+            z = F.gumbel_softmax(logits.float(), tau=temperature, hard=hard, dim=1).to(logits.dtype)
+            kl, commit = kl_to_uniform(logits, dim=1).mean(), zero
         stats = self.decoder(z).float()  # (B, 2C, H, W)
         mu, log_b = stats.chunk(2, dim=1)
         recon_nll = logit_laplace_nll(x, mu, log_b).mean()
-        kl = kl_to_uniform(logits, dim=1).mean()
+        fit = recon_nll if recon_loss == "logit_laplace" else F.mse_loss(torch.sigmoid(mu), x)
         # Both terms in nats per pixel dimension: scale the per-position KL by positions / pixel dims.
         n_pos, n_dim = logits[0, 0].numel(), x[0].numel()
-        loss = recon_nll + kl_weight * kl * n_pos / n_dim
+        loss = fit + kl_weight * kl * n_pos / n_dim + commitment * commit
         recon = unmap_pixels(torch.sigmoid(mu.detach()))
-        return DVAEOutput(loss, recon_nll, kl, logits, recon)
+        return DVAEOutput(loss, recon_nll, kl, logits, recon, commit)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) pixels in [0, 1] -> (B, h, w) int64 codes (argmax, no noise)."""
+        """(B, C, H, W) pixels in [0, 1] -> (B, h, w) int64 codes (argmax / nearest code, no noise)."""
         _check_input(images, self.config.channels, "DiscreteVAE.encode")
-        return self.encoder(map_pixels(images.float())).argmax(dim=1)
+        z = self.encoder(map_pixels(images.float()))
+        if self.quantizer is None:
+            return z.argmax(dim=1)
+        b, d, h, w = z.shape
+        return self.quantizer.distances(z.permute(0, 2, 3, 1).reshape(-1, d)).argmin(1).view(b, h, w)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int codes (or (B, h*w)) -> (B, C, H, W) pixels in [0, 1]."""
         if codes.dim() == 2:
             side = math.isqrt(codes.shape[1])
             codes = codes.reshape(codes.shape[0], side, side)
-        z = F.one_hot(codes.long(), self.config.codebook_size).permute(0, 3, 1, 2)
         param = next(self.decoder.parameters())
+        if self.quantizer is not None:
+            z = self.quantizer.lookup(codes)
+        else:
+            z = F.one_hot(codes.long(), self.config.codebook_size).permute(0, 3, 1, 2)
         stats = self.decoder(z.to(param.dtype)).float()
         return unmap_pixels(torch.sigmoid(stats[:, : self.config.channels]))

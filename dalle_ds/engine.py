@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "DeepSpeedConfigError",
+    "TorchCollectives",
     "apply_activation_checkpointing",
     "backward",
     "loss_scale",
@@ -58,6 +59,22 @@ def init_distributed(**kwargs) -> None:
         deepspeed.init_distributed(**kwargs)
     finally:
         ds_torch_comm.build_shm_op = build
+
+
+class TorchCollectives:
+    """Sum-all-reduce and broadcast-from-rank-0 over the default process group: what the dVAE's
+    EMA codebook needs to stay identical on every data-parallel rank (model code never imports
+    ``torch.distributed``; the trainer hands it this)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast(tensor, src=0)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .dalle import DALLE
 from .dvae import DiscreteVAE
 from .engine import (
     DeepSpeedConfigError,
+    TorchCollectives,
     apply_activation_checkpointing,
     backward,
     build_engine,
@@ -334,7 +335,7 @@ class Trainer(abc.ABC):
         return final
 
     def check_sync(self) -> str:
-        """SHA-256 of all trainable parameters (gathered under ZeRO-3), compared across ranks."""
+        """SHA-256 of all trainable parameters (gathered under ZeRO-3) and buffers, compared across ranks."""
         import contextlib
         import hashlib
 
@@ -348,6 +349,8 @@ class Trainer(abc.ABC):
         with gather:
             for p in params:
                 digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        for b in self.engine.module.buffers():  # e.g. the dVAE's EMA codebook
+            digest.update(b.detach().float().cpu().contiguous().numpy().tobytes())
         mine = digest.hexdigest()
         every = _all_gather_object(mine)
         _atomic_write_text(self.out / f"param_sha256_rank{self.rank}.txt", mine + "\n")
@@ -491,7 +494,9 @@ def _as_python_state(state):
 # ----------------------------------------------------------------------------------------
 class DVAETrainer(Trainer):
     """The paper's dVAE recipe, schedules scaled to the run: tau 1 -> 1/16 and KL weight 0 -> 6.6
-    (cosine), LR cosine, AdamW(0.9, 0.999, 1e-8, wd 1e-4), optional EMA of the weights."""
+    (cosine), LR cosine, AdamW(0.9, 0.999, 1e-8, wd 1e-4), optional EMA of the weights.
+    A ``quantizer: vq`` config trains with the EMA codebook instead (``--commitment``), its
+    statistics summed over ranks so every rank keeps the same codebook."""
 
     model_kind = "dvae"
 
@@ -501,6 +506,8 @@ class DVAETrainer(Trainer):
         if self.args.ema and zero_stage(self.ds_config) == 3:
             raise DeepSpeedConfigError("--ema needs whole parameters on every rank: use ZeRO stage 0-2 for the dVAE")
         model = DiscreteVAE(self.config)
+        if model.quantizer is not None and self.world > 1:
+            model.quantizer.collectives = TorchCollectives()
         self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if self.args.ema else None
         return model
 
@@ -515,7 +522,9 @@ class DVAETrainer(Trainer):
         return opt, sched
 
     def build_dataset(self):
-        return SyntheticShapes(self.args.data_size, self.config.image_size, seed=self.args.seed)
+        # --holdout keeps the same combinations out of the tokenizer as the transformer trainer does.
+        held = holdout_combos(self.args.holdout)
+        return SyntheticShapes(self.args.data_size, self.config.image_size, seed=self.args.seed, exclude=held)
 
     def image_size(self) -> int:
         return self.config.image_size
@@ -532,17 +541,22 @@ class DVAETrainer(Trainer):
     def compute_loss(self, batch):
         if "image" not in batch:
             raise DeepSpeedConfigError(f"--data {self.args.data} holds precomputed codes; the dVAE trains on images")
-        tau, beta = self.schedules()
-        out = self.engine(batch["image"], temperature=tau, kl_weight=beta)
+        a = self.args
+        recon = a.recon_loss
+        if self.config.quantizer == "vq":
+            out = self.engine(batch["image"], commitment=a.commitment, recon_loss=recon)
+            extra = {"commitment": out.commitment.item()}
+        else:
+            tau, beta = self.schedules()
+            out = self.engine(batch["image"], temperature=tau, kl_weight=beta, recon_loss=recon)
+            extra = {"kl": out.kl.item(), "temperature": tau, "kl_weight": beta}
         codes = out.logits.argmax(1)
         usage = codes.unique().numel() / self.config.codebook_size
         metrics = {
             "loss": out.loss.item(),
-            "recon_nll": out.recon_nll.item(),
-            "kl": out.kl.item(),
+            **({"recon_nll": out.recon_nll.item()} if recon == "logit_laplace" else {}),  # (log b untrained)
             "mse": F.mse_loss(out.reconstruction, batch["image"].float()).item(),
-            "temperature": tau,
-            "kl_weight": beta,
+            **extra,
             "codebook_usage": usage,
         }
         return out.loss, metrics, codes.numel()
@@ -719,6 +733,13 @@ def main_dvae(argv=None) -> int:
     p.add_argument("--temperature-steps", type=int, default=0, help="anneal length (0: the whole run)")
     p.add_argument("--kl-weight", type=float, default=6.6)
     p.add_argument("--kl-steps", type=int, default=0, help="KL warm-up length (0: steps / 30)")
+    p.add_argument("--commitment", type=float, default=0.25, help="vq quantizer: commitment loss weight")
+    p.add_argument(
+        "--recon-loss",
+        choices=("logit_laplace", "mse"),
+        default="logit_laplace",
+        help="reconstruction term: the paper's logit-Laplace NLL, or MSE (small images of flat shapes)",
+    )
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (exported as final_ema)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     return _run(DVAETrainer, p.parse_args(argv))

@@ -273,6 +273,39 @@ def test_dvae_trainer_runs_its_schedules(workdir):
     assert not torch.equal(next(ema.parameters()), next(final.parameters()))
 
 
+def test_vq_dvae_trainer_keeps_one_codebook_on_every_rank(workdir):
+    out = workdir / "dvae_vq_run"
+    proc = launch(
+        "train_dvae.py",
+        "--deepspeed_config",
+        ds_config(workdir, 2),
+        "--preset",
+        "dvae-demo",
+        "--recon-loss",
+        "mse",
+        "--holdout",
+        20,
+        "--output-dir",
+        out,
+        "--steps",
+        6,
+        "--micro-batch-size",
+        8,
+        "--lr",
+        2e-3,
+        "--no-progress",
+        "--check-sync",  # hashes the codebook buffers too
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "commitment" in rows[0] and "temperature" not in rows[0] and "recon_nll" not in rows[0]
+    assert rows[-1]["mse"] < rows[0]["mse"]
+    vae = load_model(out / "final")
+    assert vae.config.quantizer == "vq" and bool(vae.quantizer.initialized)
+    hashes = {p.read_text() for p in out.glob("param_sha256_rank*.txt")}
+    assert len(hashes) == 1
+
+
 def test_export_script_consolidates_any_stage(workdir, dvae_dir, tmp_path):
     for name in ("zero0", "zero3"):
         out = run_stage(name, workdir, dvae_dir)[0]

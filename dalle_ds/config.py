@@ -89,6 +89,17 @@ class DVAEConfig(_ConfigBase):
     """Residual blocks per group."""
     group_count: int = 4
     """Groups in encoder and decoder; downsampling factor is 2**(group_count-1)."""
+    quantizer: str = "gumbel"
+    """'gumbel': the paper's gumbel-softmax relaxation over K encoder logits, one-hot codes into the
+    decoder (OpenAI's layout). 'vq': straight-through vector quantisation against a K x vq_dim
+    codebook kept as an EMA of the encoder outputs, with dead codes restarted from the batch."""
+    vq_dim: int = 64
+    """'vq' only: width of the encoder output and of the codebook vectors."""
+    vq_decay: float = 0.99
+    """'vq' only: EMA decay of the codebook statistics."""
+    vq_dead_threshold: float = 1.0
+    """'vq' only: a code whose EMA assignment count (per update, summed over ranks) falls below
+    this is restarted at a random encoder output of the current batch."""
 
     kind = "dvae"
 
@@ -107,6 +118,10 @@ class DVAEConfig(_ConfigBase):
         _require(self.n_init >= 1, c, "n_init", self.n_init, "must be positive")
         _require(self.n_blk_per_group >= 1, c, "n_blk_per_group", self.n_blk_per_group, "must be >= 1")
         _require(self.group_count >= 1, c, "group_count", self.group_count, "must be >= 1")
+        _require(self.quantizer in ("gumbel", "vq"), c, "quantizer", self.quantizer, "must be 'gumbel' or 'vq'")
+        _require(self.vq_dim >= 1, c, "vq_dim", self.vq_dim, "must be positive")
+        _require(0.0 < self.vq_decay < 1.0, c, "vq_decay", self.vq_decay, "must be in (0, 1)")
+        _require(self.vq_dead_threshold >= 0, c, "vq_dead_threshold", self.vq_dead_threshold, "must be >= 0")
         _require(
             self.image_size % self.downsample == 0,
             c,
@@ -232,6 +247,17 @@ class DalleConfig(_ConfigBase):
         return self.text_vocab_size + self.text_len
 
 
+_TINY = {
+    "text_len": 16,
+    "text_vocab_size": 256,
+    "image_grid": 8,
+    "image_vocab_size": 128,
+    "d_model": 128,
+    "n_layers": 4,
+    "n_heads": 4,
+    "conv_kernel": 5,
+}
+
 # Named presets: overrides on the dataclass defaults (which are the paper's 12B model).
 PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     # Paper Table 1 and section 4 (DESIGN.md): 64 layers, head size 64.
@@ -240,19 +266,8 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "dalle-2.8b": (DalleConfig, {"d_model": 1920, "n_heads": 30}),
     "dalle-1.3b": (DalleConfig, {"d_model": 1536, "n_heads": 24, "n_layers": 44}),
     # Small models for CPU tests and demos.
-    "dalle-tiny": (
-        DalleConfig,
-        {
-            "text_len": 16,
-            "text_vocab_size": 256,
-            "image_grid": 8,
-            "image_vocab_size": 128,
-            "d_model": 128,
-            "n_layers": 4,
-            "n_heads": 4,
-            "conv_kernel": 5,
-        },
-    ),
+    "dalle-tiny": (DalleConfig, _TINY),
+    "dalle-demo": (DalleConfig, {**_TINY, "image_grid": 9}),
     "dalle-small": (
         DalleConfig,
         {
@@ -270,6 +285,22 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "dvae-tiny": (
         DVAEConfig,
         {"image_size": 32, "codebook_size": 128, "n_hid": 32, "n_init": 32, "n_blk_per_group": 1, "group_count": 3},
+    ),
+    # The demo's pair: 36 px images, so each cell of the synthetic set's 3 x 3 layout is exactly
+    # 3 x 3 codes and a shape gets the same codes wherever it is drawn; vq, because gumbel training
+    # collapses onto a fraction of the codebook in a few minutes (DESIGN.md section 10).
+    "dvae-demo": (
+        DVAEConfig,
+        {
+            "image_size": 36,
+            "codebook_size": 128,
+            "n_hid": 32,
+            "n_init": 32,
+            "n_blk_per_group": 1,
+            "group_count": 3,
+            "quantizer": "vq",
+            "vq_dim": 64,
+        },
     ),
     "dvae-small": (
         DVAEConfig,

@@ -83,8 +83,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dalle_ds.evaluation import attribute_accuracy, dvae_metrics
-    from dalle_ds.generation import load_pipeline, sample_images
+    from dalle_ds.evaluation import caption_accuracy, dvae_metrics
+    from dalle_ds.generation import load_pipeline
     from dalle_ds.images import save_grid
     from dalle_ds.synthetic import SyntheticShapes, caption_of, holdout_combos
 
@@ -111,18 +111,9 @@ def main(argv=None) -> int:
     images = torch.stack([fresh[i]["image"] for i in range(len(fresh))])
     tok = dvae_metrics(model.dvae, images.split(128))
 
-    def sample(temperature: float):
-        images, combos = [], []
-        for i, combo in enumerate(held):
-            imgs, _ = sample_images(model, tokenizer, caption_of(combo), args.per_caption, seed=args.seed + i,
-                                    top_k=args.top_k, temperature=temperature)  # fmt: skip
-            images.append(imgs)
-            combos += [combo] * args.per_caption
-        return torch.cat(images), combos
-
-    samples, order = sample(args.temperature)
-    acc = attribute_accuracy(samples, order)
-    acc_t1 = acc if args.temperature == 1.0 else attribute_accuracy(*sample(1.0))
+    sampling = {"per_caption": args.per_caption, "seed": args.seed, "top_k": args.top_k}
+    acc, samples, _ = caption_accuracy(model, tokenizer, held, temperature=args.temperature, **sampling)
+    acc_t1 = acc if args.temperature == 1.0 else caption_accuracy(model, tokenizer, held, **sampling)[0]
     grid = save_grid(samples, out / "heldout_samples.png", nrow=args.per_caption)
     (out / "heldout_samples.txt").write_text("".join(f"row {i + 1}: {caption_of(c)}\n" for i, c in enumerate(held)))
     timings["sample_eval_s"] = round(time.time() - t, 1)
@@ -132,7 +123,7 @@ def main(argv=None) -> int:
         "heldout_accuracy": acc,
         "heldout_accuracy_temperature_1": acc_t1,
         "heldout_captions": len(held),
-        "samples": len(order),
+        "samples": len(samples),
         "dvae": tok,
         "timings": timings,
         "settings": vars(args),

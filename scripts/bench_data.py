@@ -92,8 +92,9 @@ def main() -> None:
                 # Steady state: the clock starts at the first batch (opening the source and starting
                 # workers happens once per epoch, ~millions of images at scale; reported apart).
                 n, start, opened = 0, None, time.perf_counter()
-                for batch in StreamLoader(cfg, args.batch_size, num_workers=workers, epochs=1):
-                    encode_captions(tokenizer, batch["caption"], config, bpe_dropout=0.1)
+                for i, batch in enumerate(StreamLoader(cfg, args.batch_size, num_workers=workers, epochs=1)):
+                    rng = np.random.default_rng([0, i])  # as the trainer seeds it: (seed, rank, micro step)
+                    encode_captions(tokenizer, batch["caption"], config, bpe_dropout=0.1, rng=rng)
                     if start is None:
                         start = time.perf_counter()
                         startup.setdefault(name, []).append(start - opened)

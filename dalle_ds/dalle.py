@@ -125,6 +125,12 @@ class DALLE(nn.Module):
 
     def set_dvae(self, dvae: DiscreteVAE) -> None:
         """Attach a frozen dVAE so ``forward`` accepts raw images."""
+        self.check_dvae(dvae)
+        dvae.requires_grad_(False).eval()
+        self.dvae = dvae
+
+    def check_dvae(self, dvae: DiscreteVAE) -> None:
+        """Raise if ``dvae``'s grid or codebook does not fit this model."""
         if dvae.config.grid_size != self.config.image_grid:
             raise ValueError(f"dVAE grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}")
         if dvae.config.codebook_size != self.config.image_vocab_size:
@@ -132,8 +138,6 @@ class DALLE(nn.Module):
                 f"dVAE codebook {dvae.config.codebook_size} != "
                 f"DalleConfig.image_vocab_size={self.config.image_vocab_size}"
             )
-        dvae.requires_grad_(False).eval()
-        self.dvae = dvae
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -15,7 +15,7 @@ With fewer shards than slots every slot reads every shard and keeps every ``slot
 (what ``datasets.distributed.split_dataset_by_node`` does in that case). Each shard is its own
 ``IterableDataset.shard``, so a broken shard is skipped and counted without stopping the others.
 Uneven shards give ranks uneven example counts; :class:`StreamLoader` ends an epoch on every rank
-as soon as one rank runs dry (one all-reduce of a flag per batch), so collectives never hang.
+as soon as one rank runs dry (one all-reduce of a flag per batch, on the CPU group), so collectives never hang.
 
 Resume. Each worker's stream (shard order, shuffle buffer) is a pure function of (seed, epoch,
 slot). The loader records how many raw examples each worker had consumed when its last delivered
@@ -469,19 +469,19 @@ class StreamLoader:
         return None
 
     def __iter__(self):
-        import torch.distributed as dist
+        from . import distributed as dd
 
-        joined = self.world > 1 and dist.is_available() and dist.is_initialized()
+        joined = self.world > 1 and dd.is_initialized()
         empty_epochs = 0
         while self.epochs is None or self.epoch < self.epochs:
             if self._it is None:
                 self._it = self._open_epoch()
                 delivered = 0
             item = self._next_local()
-            have = torch.tensor([0 if item is None else 1])
+            have = 0 if item is None else 1
             if joined:  # every rank ends the epoch together (uneven shards must not hang collectives)
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if have.item():
+                have = dd.host_all_reduce(have, op="min", dtype=torch.int32)
+            if have:
                 self.slots[item["slot"]] = {"consumed": item["consumed"], "counts": item["counts"]}
                 delivered += 1
                 empty_epochs = 0

@@ -201,6 +201,15 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("embed_sum", self.codebook.clone())
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    def _apply(self, fn, recurse=True):
+        # The codebook and its EMA statistics stay fp32 when the module is cast (DeepSpeed casts the
+        # whole model to fp16/bf16): a 16-bit EMA would round its small updates away.
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """(N, D) vectors -> (N, K) squared distances to every code."""
         book = self.codebook.float()
@@ -296,6 +305,11 @@ class DiscreteVAE(nn.Module):
     def grid_size(self) -> int:
         return self.config.grid_size
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the conv weights (what inputs are cast to)."""
+        return self.encoder.blocks.input.weight.dtype
+
     def forward(
         self,
         images: torch.Tensor,
@@ -315,15 +329,16 @@ class DiscreteVAE(nn.Module):
         if recon_loss not in ("logit_laplace", "mse"):
             raise ValueError(f"recon_loss={recon_loss!r}: 'logit_laplace' or 'mse'")
         _check_input(images, self.config.channels, "DiscreteVAE")
-        x = map_pixels(images.float())
+        x = map_pixels(images.float())  # fp32: the likelihood and losses are computed in fp32
+        h = x.to(self.dtype)  # the conv stacks run in the module's dtype (fp16/bf16 under an engine)
         zero = x.new_zeros(())
         if self.quantizer is not None:
-            z_e = self.encoder(x)
+            z_e = self.encoder(h)
             z, _, logits = self.quantizer(z_e)
             commit = F.mse_loss(z_e.float(), z.detach().float())
             kl = zero
         else:
-            logits = self.encoder(x)  # (B, K, h, w)
+            logits = self.encoder(h)  # (B, K, h, w)
             z = F.gumbel_softmax(logits.float(), tau=temperature, hard=hard, dim=1).to(logits.dtype)
             kl, commit = kl_to_uniform(logits, dim=1).mean(), zero
         stats = self.decoder(z).float()  # (B, 2C, H, W)
@@ -340,7 +355,7 @@ class DiscreteVAE(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels in [0, 1] -> (B, h, w) int64 codes (argmax / nearest code, no noise)."""
         _check_input(images, self.config.channels, "DiscreteVAE.encode")
-        z = self.encoder(map_pixels(images.float()))
+        z = self.encoder(map_pixels(images.float()).to(self.dtype))
         if self.quantizer is None:
             return z.argmax(dim=1)
         b, d, h, w = z.shape
@@ -351,7 +366,7 @@ class DiscreteVAE(nn.Module):
         if codes.dim() == 2:
             side = math.isqrt(codes.shape[1])
             codes = codes.reshape(codes.shape[0], side, side)
-        param = next(self.decoder.parameters())
+        param = self.decoder.blocks.input.weight
         if self.quantizer is not None:
             z = self.quantizer.lookup(codes)
         else:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .distributed import TorchCollectives, init_distributed  # noqa: F401  (re-exported)
+
 __all__ = [
     "DeepSpeedConfigError",
     "TorchCollectives",
@@ -35,46 +37,6 @@ OWN_SECTIONS = ("communication_hook",)
 
 class DeepSpeedConfigError(ValueError):
     """A DeepSpeed config is invalid or unsafe; the message names the file and keys."""
-
-
-def init_distributed(**kwargs) -> None:
-    """`deepspeed.init_distributed` without DeepSpeed's CPU shared-memory all-reduce op.
-
-    On the CPU accelerator DeepSpeed 0.19.8 JIT-builds `deepspeed_shm_comm` in every process
-    (~60 s on a fresh extensions cache) and, under the launcher, each rank creates a 66 MiB
-    segment in /dev/shm that is never unlinked: a few hundred test launches filled a 24 GiB
-    machine's memory. The op only serves DeepSpeed-inference's `inference_all_reduce`; training
-    reduces through torch.distributed either way, so it is skipped. Other accelerators do not
-    build it at all, so this changes nothing there.
-    """
-    import importlib
-
-    import deepspeed
-
-    # `deepspeed.comm.torch` as an attribute is the torch package; the submodule needs importlib.
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    build = ds_torch_comm.build_shm_op
-    ds_torch_comm.build_shm_op = lambda: None
-    try:
-        deepspeed.init_distributed(**kwargs)
-    finally:
-        ds_torch_comm.build_shm_op = build
-
-
-class TorchCollectives:
-    """Sum-all-reduce and broadcast-from-rank-0 over the default process group: what the dVAE's
-    EMA codebook needs to stay identical on every data-parallel rank (model code never imports
-    ``torch.distributed``; the trainer hands it this)."""
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        dist.broadcast(tensor, src=0)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -283,7 +245,8 @@ def backward(engine, loss: torch.Tensor) -> None:
     hook = getattr(engine, "_dalle_ds_comm_hook", None)
     if hook is not None and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
         # ZeRO-0 with a communication hook: the engine's all-reduce is off; average here, before step().
-        hook.reduce([(name, p.grad) for name, p in engine.module.named_parameters() if p.grad is not None])
+        grads = [(name, p.grad) for name, p in engine.module.named_parameters() if p.grad is not None]
+        hook.reduce(grads, scale=loss_scale(engine) or 1.0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

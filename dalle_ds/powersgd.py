@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from . import distributed as dd
 
 __all__ = [
     "COMM_HOOKS",
@@ -128,9 +129,14 @@ class PowerSGD:
         self.config = config
         self.group = group  # across which PowerSGD runs (inter-node group in hierarchical mode)
         self.intra_group = intra_group  # exact pre-reduce (hierarchical mode)
-        self.errors: dict[Any, torch.Tensor] = {}
+        # Committed state (what the last applied update left) and what this step's reduces wrote;
+        # step(skipped=...) commits or drops the latter, so a skipped step leaves no trace.
+        self.errors: dict[Any, torch.Tensor] = {}  # unscaled residuals (true-gradient units)
         self.qs: dict[Any, torch.Tensor] = {}
+        self._pending_errors: dict[Any, torch.Tensor] = {}
+        self._pending_qs: dict[Any, torch.Tensor] = {}
         self.iter = 0
+        self.skipped = 0  # steps whose reduce saw a non-finite value (an fp16 overflow) or were skipped
         self.bytes_sent = 0
         self.bytes_plain = 0
         self.last_step_bytes = (0, 0)
@@ -140,6 +146,7 @@ class PowerSGD:
     def state_dict(self) -> dict[str, Any]:
         return {
             "iter": self.iter,
+            "skipped": self.skipped,
             "errors": dict(self.errors),
             "qs": dict(self.qs),
             "generator": self._generator.get_state(),
@@ -150,6 +157,8 @@ class PowerSGD:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iter, self.bytes_sent, self.bytes_plain = state["iter"], state["bytes_sent"], state["bytes_plain"]
         self.errors, self.qs = dict(state["errors"]), dict(state["qs"])
+        self.skipped = state.get("skipped", 0)
+        self._pending_errors, self._pending_qs = {}, {}
         self._generator.set_state(state["generator"])
 
     # -- the reduction ------------------------------------------------------------------------
@@ -164,10 +173,17 @@ class PowerSGD:
         return (n + m) * r * self.config.min_compression_rate < n * m
 
     def _all_reduce_mean(self, flat: torch.Tensor, group) -> None:
-        dist.all_reduce(flat, group=group)
-        flat.mul_(1.0 / dist.get_world_size(group))  # as DeepSpeed scales: bit-identical in exact mode
+        dd.all_reduce(flat, group=group)
+        flat.mul_(1.0 / dd.world_size(group))  # as DeepSpeed scales: bit-identical in exact mode
 
-    def reduce(self, named_grads: list[tuple[Any, torch.Tensor]]) -> None:
+    def reduce(self, named_grads: list[tuple[Any, torch.Tensor]], scale: float = 1.0) -> None:
+        """Average ``named_grads`` in place. ``scale``: the fp16 loss scale the gradients carry.
+
+        Residuals are stored in true gradient units and brought to each step's scale, so a
+        loss-scale change between steps does not change the applied update. A non-finite input (an
+        fp16 overflow) is not an error: it reaches the output, where the engine's overflow check
+        skips the step, and :meth:`step` with ``skipped=True`` drops what this step computed."""
+        self._scale = float(scale)
         if self.intra_group is not None:
             sent = self._reduce_hierarchical(named_grads)
         else:
@@ -201,8 +217,8 @@ class PowerSGD:
         and the node all-gathers the shards back. Only ``_reduce_across`` crosses nodes: that is
         the traffic counted.
         """
-        local = dist.get_world_size(self.intra_group)
-        me = dist.get_rank(self.intra_group)
+        local = dd.world_size(self.intra_group)
+        me = dd.rank(self.intra_group)
         # shards[t][j]: rows of tensor t that local rank j owns (1-D tensors split as vectors)
         shards = [_as_rows(g).tensor_split(local) for _, g in named_grads]
         sizes = [sum(s[j].numel() for s in shards) for j in range(local)]
@@ -211,7 +227,7 @@ class PowerSGD:
         for j in range(local):
             _pack([s[j] for s in shards], send[j * width : j * width + sizes[j]])
         mine = torch.empty(width, dtype=torch.float32, device=send.device)
-        _reduce_scatter(mine, send, self.intra_group)
+        dd.reduce_scatter(mine, send, self.intra_group)
         mine.mul_(1.0 / local)
         views, offset = [], 0
         for (key, _), s in zip(named_grads, shards, strict=True):
@@ -219,7 +235,7 @@ class PowerSGD:
             offset += s[me].numel()
         sent = self._reduce_across(views)  # writes the cross-node average into `mine`
         gathered = torch.empty_like(send)
-        _all_gather(gathered, mine, self.intra_group)
+        dd.all_gather_into(gathered, mine, self.intra_group)
         offsets = [j * width for j in range(local)]
         for (_, g), s in zip(named_grads, shards, strict=True):
             parts = []
@@ -232,21 +248,24 @@ class PowerSGD:
     def _powersgd(self, matrices: list[tuple[Any, torch.Tensor]]) -> int:
         cfg = self.config
         wire = _DTYPES[cfg.dtype]
-        world = dist.get_world_size(self.group)
+        world = dd.world_size(self.group)
+        scale = getattr(self, "_scale", 1.0)
         by_shape: dict[tuple, list[tuple[Any, torch.Tensor]]] = defaultdict(list)
         for key, g in matrices:
             by_shape[(g.shape[0], g[0].numel())].append((key, g))
         batches = []  # (keys, grads, M (b, n, m) fp32, input copy for error feedback, Q (b, m, r))
         for (n, m), items in by_shape.items():
             keys, grads = [k for k, _ in items], [g for _, g in items]
+            # M in the gradients' (loss-scaled) units, so 16-bit P/Q keep the range the loss scale
+            # gives them; residuals are kept unscaled and brought to this step's scale.
             M = torch.stack([g.reshape(n, m).float() for g in grads])
             if cfg.error_feedback:
-                M += torch.stack([self.errors.get(k, torch.zeros(n, m, device=M.device)) for k in keys])
+                M += torch.stack([self._error(k, (n, m), M.device) for k in keys]) * scale
             r = self._rank(n, m)
             fresh = [k for k in keys if k not in self.qs]
             for k in fresh:
                 self.qs[k] = torch.randn(m, r, generator=self._generator).to(M.device)
-            Q = torch.stack([self.qs[k] for k in keys])
+            Q = torch.stack([self._pending_qs.get(k, self.qs[k]) for k in keys])
             if cfg.warm_start or fresh:
                 _orthogonalize(Q, cfg.orthogonalization, cfg.epsilon)
                 if not cfg.warm_start:  # the paper's variant: keep the orthogonalised initial Q
@@ -256,6 +275,12 @@ class PowerSGD:
         # P = M Q for every matrix, one all-reduce for all of them.
         ps = [torch.bmm(M, Q) for _, _, M, _, Q in batches]
         p_flat = self._all_reduce_sum_wire(ps, wire)
+        sent = p_flat.numel() * wire.itemsize
+        if not bool(torch.isfinite(p_flat).all()):  # the same on every rank: P was all-reduced
+            for _, grads, _, _, _ in batches:  # an overflow: the engine sees it and skips the step
+                for g in grads:
+                    g.fill_(float("nan"))
+            return sent
         ps = _split_like(p_flat, ps)
         for p in ps:
             _orthogonalize(p, cfg.orthogonalization, cfg.epsilon)
@@ -266,22 +291,33 @@ class PowerSGD:
             approx = torch.bmm(p, q.transpose(1, 2))  # (b, n, m)
             for i, (k, g) in enumerate(zip(keys, grads, strict=True)):
                 if cfg.error_feedback:
-                    self.errors[k] = M_in[i] - approx[i]
+                    self._pending_errors[k] = (M_in[i] - approx[i]) / scale
                 if cfg.warm_start:
-                    self.qs[k] = q[i].clone()
+                    self._pending_qs[k] = q[i].clone()
                 g.copy_(approx[i].reshape(g.shape))
-        return (p_flat.numel() + q_flat.numel()) * wire.itemsize  # P and Q travel in the wire dtype
+        return sent + q_flat.numel() * wire.itemsize  # P and Q travel in the wire dtype
+
+    def _error(self, key, shape: tuple[int, int], device) -> torch.Tensor:
+        if key in self._pending_errors:  # an earlier reduce of this step (ZeRO-2 micro-batches)
+            return self._pending_errors[key]
+        return self.errors.get(key, torch.zeros(shape, device=device))
 
     def _all_reduce_sum_wire(self, tensors: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)
-        dist.all_reduce(flat, group=self.group)
-        if not torch.isfinite(flat).all():
-            raise FloatingPointError("PowerSGD: non-finite values in the reduced P/Q")
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)  # overflows to inf in fp16: skipped
+        dd.all_reduce(flat, group=self.group)
         return flat.float()
 
-    def step(self) -> None:
-        """Call once per optimizer step (after the last reduce of the step)."""
-        self.iter += 1
+    def step(self, skipped: bool = False) -> None:
+        """Call once per optimizer step, after the engine's step. ``skipped``: the engine did not
+        apply the update (an fp16 overflow): this step's residuals and Q's are dropped, so the
+        next step starts from the state the last applied update left."""
+        if skipped:
+            self.skipped += 1
+        else:
+            self.errors.update(self._pending_errors)
+            self.qs.update(self._pending_qs)
+            self.iter += 1
+        self._pending_errors, self._pending_qs = {}, {}
 
 
 def _as_rows(g: torch.Tensor) -> torch.Tensor:
@@ -293,15 +329,6 @@ def _pack(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
     for t in tensors:
         out[offset : offset + t.numel()].copy_(t.reshape(-1))
         offset += t.numel()
-
-
-# torch 2.13 renamed the single-tensor collectives; older releases have only the old names.
-def _reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> None:
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, input, group=group)
-
-
-def _all_gather(output: torch.Tensor, input: torch.Tensor, group) -> None:
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
 
 
 def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -331,17 +358,17 @@ def register_comm_hook(name: str, factory: Callable[..., Any]) -> None:
 
 def _node_groups():
     """(intra-node group, inter-node group) of this rank; nodes = the launcher's local worlds."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = dd.world_size(), dd.rank()
     local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
     if world % local:
         raise CommHookError(f"hierarchical PowerSGD: world size {world} is not a multiple of the node size {local}")
     intra = inter = None
     for node in range(world // local):  # every rank must create every group, in the same order
-        g = dist.new_group(list(range(node * local, (node + 1) * local)))
+        g = dd.new_group(list(range(node * local, (node + 1) * local)))
         if rank // local == node:
             intra = g
     for lr in range(local):
-        g = dist.new_group(list(range(lr, world, local)))
+        g = dd.new_group(list(range(lr, world, local)))
         if rank % local == lr:
             inter = g
     return intra, inter
@@ -383,8 +410,14 @@ def attach_comm_hook(engine, hook) -> None:
         engine._dalle_ds_comm_hook = hook  # reduced by dalle_ds.engine.backward at accumulation boundaries
         return
     opt = engine.optimizer
+    if not all(hasattr(opt, name) for name in ("gradient_reduction_w_predivide", "ipg_buckets", "bit16_groups")):
+        raise CommHookError(
+            f"communication_hook: the engine's optimizer {type(opt).__name__} does not reduce gradients in "
+            f"buckets (DeepSpeed picks BF16_Optimizer for bf16 at ZeRO stage 1); use ZeRO stage 0 or 2"
+        )
     if getattr(opt, "reduce_scatter", False):
         raise CommHookError("communication_hook with ZeRO 1/2 needs zero_optimization.reduce_scatter=false")
+    from .engine import loss_scale
 
     def reduce_bucket(tensor: torch.Tensor, communication_data_type: torch.dtype):
         bucket = opt.ipg_buckets[communication_data_type]
@@ -398,7 +431,7 @@ def attach_comm_hook(engine, hook) -> None:
             if param is None or param.numel() != tensor.numel():
                 raise RuntimeError("communication hook: cannot map the gradient bucket to parameters")
             views = [(id(param), tensor.view(param.shape))]
-        hook.reduce(views)
+        hook.reduce(views, scale=loss_scale(engine) or 1.0)  # fp16: the buckets hold scaled gradients
         return tensor
 
     opt.gradient_reduction_w_predivide = reduce_bucket

@@ -20,24 +20,25 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dd
 from .checkpoint import COMPLETE, export_checkpoint, latest_complete_tag
 from .config import DalleConfig, DVAEConfig, load_config, save_config
 from .dalle import DALLE
 from .dvae import DiscreteVAE
 from .engine import (
     DeepSpeedConfigError,
-    TorchCollectives,
     apply_activation_checkpointing,
     backward,
     build_engine,
     cosine,
-    init_distributed,
     load_ds_config,
     loss_scale,
     prepare_ds_config,
@@ -47,24 +48,19 @@ from .powersgd import attach_comm_hook, build_comm_hook
 from .serialization import load_dvae, save_model
 from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of, holdout_combos
 
-__all__ = ["DVAETrainer", "DalleTrainer", "main_dalle", "main_dvae"]
+__all__ = [
+    "DVAETrainer",
+    "DalleTrainer",
+    "dalle_arg_parser",
+    "dvae_arg_parser",
+    "exit_process",
+    "main_dalle",
+    "main_dvae",
+]
 
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (e.g. non-finite loss); a checkpoint was written first."""
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -111,6 +107,7 @@ def base_arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     p.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL rank 1
     p.add_argument("--fail-in-save", type=int, default=None, help=argparse.SUPPRESS)  # tests: die mid-save
+    p.add_argument("--inject-overflow-at", type=int, default=None, help=argparse.SUPPRESS)  # tests: inf loss
     deepspeed.add_config_arguments(p)
     return p
 
@@ -125,13 +122,13 @@ class Trainer(abc.ABC):
         self.args = args
         if not args.deepspeed_config:
             raise DeepSpeedConfigError("--deepspeed_config is required (see ds_configs/)")
-        init_distributed()
-        self.rank, self.world = _rank_world()
+        dd.init_distributed()
+        self.rank, self.world = dd.rank(), dd.world_size()
         self.out = Path(args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        dd.barrier()
         raw = load_ds_config(args.deepspeed_config)
         self.ds_config = prepare_ds_config(
             raw,
@@ -160,6 +157,7 @@ class Trainer(abc.ABC):
         self.comm_hook = build_comm_hook(raw.get("communication_hook"))
         if self.comm_hook is not None:
             attach_comm_hook(self.engine, self.comm_hook)
+        self.on_engine()
         self.step = 0
         self.bad_steps = 0
         self.stream, self._stream_it, self.preview = None, None, None
@@ -216,7 +214,11 @@ class Trainer(abc.ABC):
         ...
 
     def write_images(self, step: int) -> None:
-        pass
+        """Called on every rank (under ZeRO-3 a forward pass gathers parameters collectively); rank 0
+        writes."""
+
+    def on_engine(self) -> None:
+        """Called once the engine exists (its device and dtype are known)."""
 
     def after_step(self) -> None:
         """Called after every optimizer step."""
@@ -260,7 +262,7 @@ class Trainer(abc.ABC):
     def data_counts(self) -> dict[str, int]:
         """Bad-input and sample counters of the stream summed over ranks (collective)."""
         total: dict[str, int] = {}
-        for counts in _all_gather_object(self.stream.counters()):
+        for counts in dd.all_gather_object(self.stream.counters()):
             for k, v in counts.items():
                 total[k] = total.get(k, 0) + v
         return dict(sorted(total.items()))
@@ -276,7 +278,7 @@ class Trainer(abc.ABC):
             "samples_seen": self.step * self.global_batch,
         }
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        rng = _rng_state()
         if self.comm_hook is not None:  # error-feedback buffers and Q's differ per rank
             rng["comm_hook"] = self.comm_hook.state_dict()
         if self.stream is not None:  # this rank's stream position and bad-input counts
@@ -286,14 +288,14 @@ class Trainer(abc.ABC):
             torch.save(self.extra_state(), self.ckpt_dir / tag / "trainer_state.pt")
         if self.args.fail_in_save == self.step and self.rank == 1:
             os.kill(os.getpid(), 9)  # die after writing, before the checkpoint is marked complete
-        _barrier()
+        dd.barrier()
         if self.rank == 0:
             _atomic_write_text(self.ckpt_dir / tag / COMPLETE, json.dumps(client) + "\n")
             _atomic_write_text(self.ckpt_dir / "latest", tag)
             complete = sorted(p for p in self.ckpt_dir.glob("step*") if (p / COMPLETE).exists())
             for old in complete[: -self.args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        dd.barrier()
 
     def latest_complete_tag(self) -> str | None:
         return latest_complete_tag(self.ckpt_dir)
@@ -310,8 +312,7 @@ class Trainer(abc.ABC):
         rng_path = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
         if rng_path.exists():
             rng = torch.load(rng_path, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(_as_python_state(rng["python"]))
+            _set_rng_state(rng)
             if self.comm_hook is not None and "comm_hook" in rng:
                 self.comm_hook.load_state_dict(rng["comm_hook"])
             if self.stream is not None and "data" in rng:
@@ -331,7 +332,7 @@ class Trainer(abc.ABC):
         final = self.out / "final"
         if self.rank == 0:
             export_checkpoint(self.ckpt_dir, final, tag=self.latest_complete_tag())
-        _barrier()
+        dd.barrier()
         return final
 
     def check_sync(self) -> str:
@@ -352,7 +353,7 @@ class Trainer(abc.ABC):
         for b in self.engine.module.buffers():  # e.g. the dVAE's EMA codebook
             digest.update(b.detach().float().cpu().contiguous().numpy().tobytes())
         mine = digest.hexdigest()
-        every = _all_gather_object(mine)
+        every = dd.all_gather_object(mine)
         _atomic_write_text(self.out / f"param_sha256_rank{self.rank}.txt", mine + "\n")
         if len(set(every)) != 1:
             raise RuntimeError(f"ranks hold different parameters: {every}")
@@ -377,21 +378,26 @@ class Trainer(abc.ABC):
             t0 = time.perf_counter()
             totals: dict[str, float] = {}
             tokens = 0
+            skipped_before = self.engine.skipped_steps
             for m in range(self.accum):
-                batch = self.batch(self.step * self.accum + m)
+                self.micro_step = self.step * self.accum + m
+                batch = self.batch(self.micro_step)
                 loss, metrics, n_tok = self.compute_loss(batch)
+                if args.inject_overflow_at == self.step + 1:  # tests: an fp16 overflow in backward
+                    loss = loss * float("inf")
                 backward(self.engine, loss)
                 self.engine.step()
                 tokens += n_tok
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / self.accum
             self.step += 1
+            skipped = self.engine.skipped_steps - skipped_before  # fp16 overflow: update not applied
             comm = None
             if self.comm_hook is not None:
                 now = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)
                 comm = (now[0] - self._comm_seen[0], now[1] - self._comm_seen[1])
                 self._comm_seen = now
-                self.comm_hook.step()
+                self.comm_hook.step(skipped=bool(skipped))
             self.after_step()
             if args.fail_at_step is not None and self.step == args.fail_at_step and self.rank == 1:
                 os.kill(os.getpid(), 9)
@@ -403,6 +409,7 @@ class Trainer(abc.ABC):
                 **{k: round(v, 6) for k, v in totals.items()},
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler else None,
                 "loss_scale": loss_scale(self.engine),
+                "skipped": bool(skipped),
                 "skipped_steps": self.engine.skipped_steps,
                 "tokens_per_s": round(tokens * self.world / elapsed, 1),
                 "peak_rss_mb": _peak_rss_mb_all_ranks(),
@@ -434,7 +441,7 @@ class Trainer(abc.ABC):
                 )
             if args.save_every and self.step % args.save_every == 0 and self.step < args.steps:
                 self.save()
-            if args.image_every and self.step % args.image_every == 0 and self.rank == 0:
+            if args.image_every and self.step % args.image_every == 0:
                 self.write_images(self.step)
         if bar is not None:
             bar.close()
@@ -443,8 +450,7 @@ class Trainer(abc.ABC):
         final = self.export()
         if args.check_sync:
             self.check_sync()
-        if self.rank == 0:
-            self.write_images(self.step)
+        self.write_images(self.step)
         if self.stream is not None:
             counts = self.data_counts()
             if self.rank == 0:
@@ -454,29 +460,53 @@ class Trainer(abc.ABC):
         self.log(f"done: {self.step} steps; weights in {final}")
 
 
-def _all_gather_object(obj) -> list:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _peak_rss_mb_all_ranks() -> float:
     """Largest peak resident memory (VmHWM) over all ranks, in MiB (Linux; 0 elsewhere)."""
-    import torch.distributed as dist
-
     try:
         with open("/proc/self/status") as f:
             kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         kib = 0
-    value = torch.tensor([kib / 1024.0], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return round(float(value), 1)
+    return round(dd.host_all_reduce(kib / 1024.0, op="max"), 1)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from, on every device of this process."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (the current one)
+    try:  # DeepSpeed's activation-checkpointing tracker (partitioned activations); empty otherwise
+        from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
+
+        tracked = get_cuda_rng_tracker().get_states()
+        if tracked:
+            state["ds_checkpointing"] = tracked
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_python_state(state["python"]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            warnings.warn("the checkpoint holds a CUDA RNG state but CUDA is not available here", stacklevel=2)
+    if "ds_checkpointing" in state:
+        from deepspeed.runtime.activation_checkpointing.checkpointing import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["ds_checkpointing"])
 
 
 def _lambda_lr(factor):
@@ -507,7 +537,7 @@ class DVAETrainer(Trainer):
             raise DeepSpeedConfigError("--ema needs whole parameters on every rank: use ZeRO stage 0-2 for the dVAE")
         model = DiscreteVAE(self.config)
         if model.quantizer is not None and self.world > 1:
-            model.quantizer.collectives = TorchCollectives()
+            model.quantizer.collectives = dd.TorchCollectives()
         self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if self.args.ema else None
         return model
 
@@ -585,13 +615,14 @@ class DVAETrainer(Trainer):
     def write_images(self, step: int) -> None:
         from .images import save_grid
 
-        if self.preview is None:
+        if self.preview is None or (self.rank != 0 and zero_stage(self.ds_config) != 3):
             return
         x = self.preview["image"][:8]
         module = self.engine.module
-        with torch.no_grad():
+        with torch.no_grad():  # under ZeRO-3 every rank runs this: the forward gathers parameters
             recon = module.decode(module.encode(x))
-        save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(x))
+        if self.rank == 0:
+            save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(x))
 
 
 class DalleTrainer(Trainer):
@@ -619,8 +650,19 @@ class DalleTrainer(Trainer):
                 deepspeed.zero.register_external_parameter(model, param)
         else:
             model = DALLE(self.config)
-        model.set_dvae(self.dvae)
+        # The frozen dVAE stays outside the engine's module: DeepSpeed casts that module to its
+        # fp16/bf16 dtype and would shard it under ZeRO-3. It encodes in fp32 on the engine's device
+        # (on_engine), so codes do not depend on the training precision.
+        model.check_dvae(self.dvae)
         return model
+
+    def on_engine(self) -> None:
+        self.dvae.to(device=self.engine.device, dtype=torch.float32)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) pixels -> (B, grid, grid) codes with the frozen fp32 dVAE (whatever the engine's
+        dtype); codes precomputed by scripts/encode_images.py skip this."""
+        return self.dvae.encode(images.float())
 
     def _tokenizer(self):
         from .text import load_tokenizer, train_tokenizer
@@ -641,7 +683,7 @@ class DalleTrainer(Trainer):
                 source = DataConfig(self.args.data, caption_column=self.args.caption_column)
                 captions = itertools.islice(iter_captions(source), 100_000)
             train_tokenizer(captions, self.config.text_vocab_size, path)
-        _barrier()
+        dd.barrier()
         return load_tokenizer(path)
 
     def export(self):
@@ -658,7 +700,7 @@ class DalleTrainer(Trainer):
                         "ranks": self.world}  # fmt: skip
             grids = sorted((self.out / "images").glob("samples_*.png"))
             write_model_card(final, settings, sample_grid=grids[-1] if grids else None)
-        _barrier()
+        dd.barrier()
         return final
 
     def model_blocks(self):
@@ -693,8 +735,8 @@ class DalleTrainer(Trainer):
         from .images import save_grid
         from .text import encode_captions
 
-        if zero_stage(self.ds_config) == 3:
-            return  # parameters are partitioned; sample from the exported weights instead
+        if zero_stage(self.ds_config) == 3 or self.rank != 0:
+            return  # ZeRO-3: parameters are partitioned; sample from the exported weights instead
         if self.stream is not None:  # captions of the first batch
             captions = list(dict.fromkeys(self.preview["caption"]))[:4] if self.preview else []
         else:
@@ -715,17 +757,19 @@ class DalleTrainer(Trainer):
     def compute_loss(self, batch):
         from .text import encode_captions
 
-        text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=self.args.bpe_dropout)
+        dropout = self.args.bpe_dropout
+        # Dropout decisions are a pure function of (seed, rank, micro step): a resumed run draws
+        # exactly what the uninterrupted one drew.
+        rng = np.random.default_rng([self.args.seed, self.rank, self.micro_step]) if dropout > 0 else None
+        text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
         text = text.to(self.engine.device)
-        if "codes" in batch:  # precomputed by scripts/encode_images.py: no dVAE pass
-            out = self.engine(text, image_codes=batch["codes"])
-        else:
-            out = self.engine(text, images=batch["image"])
+        codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
+        out = self.engine(text, image_codes=codes)
         metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
         return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len
 
 
-def main_dvae(argv=None) -> int:
+def dvae_arg_parser() -> argparse.ArgumentParser:
     p = base_arg_parser("Train the discrete VAE (image tokenizer) with DeepSpeed.")
     p.add_argument("--lr-end", type=float, default=1.25e-6)
     p.add_argument("--temperature-start", type=float, default=1.0)
@@ -742,21 +786,44 @@ def main_dvae(argv=None) -> int:
     )
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (exported as final_ema)")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    return _run(DVAETrainer, p.parse_args(argv))
+    return p
 
 
-def main_dalle(argv=None) -> int:
+def dalle_arg_parser() -> argparse.ArgumentParser:
     p = base_arg_parser("Train the DALL-E transformer with DeepSpeed.")
     p.add_argument("--dvae", required=False, help="trained dVAE folder (config.json + model.safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train one on the captions)")
     p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--bpe-dropout", type=float, default=0.1)
-    return _run(DalleTrainer, p.parse_args(argv))
+    p.add_argument("--bpe-dropout", type=float, default=0.1, help="BPE dropout (seeded by seed, rank and step)")
+    return p
+
+
+def main_dvae(argv=None) -> int:
+    return _run(DVAETrainer, dvae_arg_parser().parse_args(argv))
+
+
+def main_dalle(argv=None) -> int:
+    return _run(DalleTrainer, dalle_arg_parser().parse_args(argv))
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a trainer process: Python's exit handlers run (monitors such as wandb finish, logging
+    flushes), then the process leaves without interpreter finalisation. Process groups are already
+    destroyed by then, but C++ objects DeepSpeed and torch still hold (gloo contexts, work threads)
+    are torn down at finalisation in no particular order, and a finished rank sometimes aborts there
+    ("terminate called without an active exception", exit code 250): a scheduler would count a
+    completed run as failed."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _run(cls, args) -> int:
-    import torch.distributed as dist
-
     try:
         cls(args).run()
         code = 0
@@ -767,7 +834,5 @@ def _run(cls, args) -> int:
     # destructors can abort the process ("terminate called without an active exception"). Not on
     # an unexpected error: destroying while peers are mid-collective can hang, and the launcher
     # stops the other ranks anyway.
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    dd.destroy()
     return code

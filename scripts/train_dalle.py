@@ -5,9 +5,7 @@
         --preset dalle-tiny --dvae runs/dvae/final --output-dir runs/dalle --steps 1000
 """
 
-import sys
-
-from dalle_ds.training import main_dalle
+from dalle_ds.training import exit_process, main_dalle
 
 if __name__ == "__main__":
-    sys.exit(main_dalle())
+    exit_process(main_dalle())

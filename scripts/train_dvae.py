@@ -5,9 +5,7 @@
         --preset dvae-tiny --output-dir runs/dvae --steps 500
 """
 
-import sys
-
-from dalle_ds.training import main_dvae
+from dalle_ds.training import exit_process, main_dvae
 
 if __name__ == "__main__":
-    sys.exit(main_dvae())
+    exit_process(main_dvae())

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The suite runs on DeepSpeed's CPU accelerator everywhere, also on a machine with GPUs (launched
+# ranks inherit this); scripts/gpu_check.sh is the GPU acceptance check.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +42,30 @@ def single_process_group():
         )
         init_distributed(dist_backend="gloo")
     yield
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """One folder for the launcher tests' runs (runs are shared between tests of a session)."""
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
+def dvae_dir(workdir):
+    """A random dvae-tiny folder: what the DALL-E trainer tests encode images with."""
+    from dalle_ds import DiscreteVAE, get_preset, save_model
+
+    torch.manual_seed(0)
+    return save_model(DiscreteVAE(get_preset("dvae-tiny")), workdir / "dvae")
+
+
+@pytest.fixture
+def fp16_on_cpu():
+    """DeepSpeed refuses fp16 on this CPU accelerator; the math itself runs. Patch that one check
+    (in this process; launched ranks get it from tests/launch_env/sitecustomize.py)."""
+    from unittest import mock
+
+    from deepspeed.accelerator import get_accelerator
+
+    with mock.patch.object(type(get_accelerator()), "is_fp16_supported", return_value=True):
+        yield

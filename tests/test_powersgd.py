@@ -190,3 +190,65 @@ def test_config_errors_name_the_key():
         prepare_ds_config({**base, "zero_optimization": {"stage": 2, "reduce_scatter": True}}, world_size=2)
     cfg = prepare_ds_config({**base, "zero_optimization": {"stage": 2}}, world_size=2)
     assert cfg["zero_optimization"]["reduce_scatter"] is False and "communication_hook" not in cfg
+
+
+# --- fp16: loss scales and overflows -------------------------------------------------------------
+
+SCALES = [1024.0, 512.0, 512.0, 4096.0, 256.0, 2048.0]  # a dynamic loss scale moving both ways
+
+
+def _fp16_worker(rank, world, port, out):
+    """Gradients arrive as fp16 buckets of loss-scaled values, as DeepSpeed's ZeRO 1/2 hands them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = PowerSGDConfig(rank=2, start_iter=0, min_compression_rate=1, dtype="fp16", orthogonalization="householder")
+
+    def run(scales, told):
+        hook, applied = PowerSGD(cfg), []
+        for step, (scale, say) in enumerate(zip(scales, told, strict=True)):
+            g = (_grad(rank, step) * 1e-3 * scale).half()
+            hook.reduce([("w", g)], scale=say)
+            hook.step()
+            applied.append(g.float() / scale)  # what the optimizer applies after unscaling
+        return torch.stack(applied)
+
+    constant = run([SCALES[0]] * len(SCALES), [SCALES[0]] * len(SCALES))
+    moving = run(SCALES, SCALES)
+    unaware = run(SCALES, [1.0] * len(SCALES))  # a hook that keeps residuals in scaled units
+
+    # An overflow mid-run: no exception, the engine sees non-finite values, nothing is kept.
+    hook, twin = PowerSGD(cfg), PowerSGD(cfg)
+    for step in range(2):
+        for h in (hook, twin):
+            g = (_grad(rank, step) * 1e-3 * 1024).half()
+            h.reduce([("w", g)], scale=1024)
+            h.step()
+    before = {k: v.clone() for k, v in hook.errors.items()}
+    bad = (_grad(rank, 2) * 1e-3 * 1024).half()
+    if rank == 1:
+        bad[0, 0] = float("inf")
+    hook.reduce([("w", bad)], scale=1024)
+    overflow_seen = not bool(torch.isfinite(bad).all())
+    hook.step(skipped=True)
+    kept = all(torch.equal(before[k], hook.errors[k]) for k in before)
+    after = []
+    for h in (hook, twin):  # the next step, at the halved scale, is as if the overflow never came
+        g = (_grad(rank, 3) * 1e-3 * 512).half()
+        h.reduce([("w", g)], scale=512)
+        h.step()
+        after.append(g.float())
+    out[rank] = (constant, moving, unaware, overflow_seen, kept, hook.skipped, after[0], after[1])
+    dist.destroy_process_group()
+
+
+def test_fp16_loss_scale_changes_do_not_change_the_update_and_overflows_are_skipped():
+    out = run_ranks(_fp16_worker, 2)
+    constant, moving, unaware, overflow_seen, kept, skipped, after, twin = out[0]
+    assert not torch.allclose(constant[1:], torch.stack([(_grad(0, s) + _grad(1, s)) / 2e3 for s in range(1, 6)]))
+    rel = ((moving - constant).norm() / constant.norm()).item()
+    assert rel < 5e-3, rel  # fp16 rounding of the buckets at other scales, nothing more
+    wrong = ((unaware - constant).norm() / constant.norm()).item()
+    assert wrong > 0.1, wrong  # residuals carried across a scale change in scaled units
+    assert overflow_seen and kept and skipped == 1
+    assert out[1][3] and out[1][4]  # rank 0 had finite input: it saw the overflow through the reduce
+    torch.testing.assert_close(after, twin, rtol=0, atol=0)

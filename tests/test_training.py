@@ -10,96 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, free_port
+from launching import STEPS, crash_and_resume, ds_config, launch, losses, train_args
 
-from dalle_ds import DiscreteVAE, get_preset, load_model, save_model
+from dalle_ds import load_model
 from dalle_ds.generation import load_pipeline
-
-STEPS = 6
-
-
-def deepspeed_cmd(script: str, *args, nprocs: int = 2) -> list[str]:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    return [
-        sys.executable,
-        str(launcher),
-        "--num_gpus",
-        str(nprocs),
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "scripts" / script),
-        *map(str, args),
-    ]
-
-
-def shm_segments() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.glob("deepspeed_*")} if shm.is_dir() else set()
-
-
-def launch(script, *args, nprocs=2, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    before = shm_segments()
-    proc = subprocess.run(
-        deepspeed_cmd(script, *args, nprocs=nprocs), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
-    )
-    # DeepSpeed's CPU shm all-reduce op never unlinks its segments; init_distributed skips it.
-    leaked = shm_segments() - before
-    assert not leaked, f"/dev/shm segments left behind by the run: {sorted(leaked)}"
-    return proc
-
-
-def ds_config(tmp: Path, stage: int, **extra) -> Path:
-    base = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
-    base["zero_optimization"] = {"stage": stage, **({"reduce_scatter": True} if stage in (1, 2) else {}), **extra}
-    base.pop("csv_monitor", None)
-    path = tmp / f"ds_stage{stage}{'_offload' if extra else ''}.json"
-    path.write_text(json.dumps(base))
-    return path
-
-
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("train")
-
-
-@pytest.fixture(scope="session")
-def dvae_dir(workdir):
-    torch.manual_seed(0)
-    return save_model(DiscreteVAE(get_preset("dvae-tiny")), workdir / "dvae")
-
-
-def train_args(dvae_dir, out, config, *extra):
-    return [
-        "--deepspeed_config",
-        config,
-        "--preset",
-        "dalle-tiny",
-        "--dvae",
-        dvae_dir,
-        "--output-dir",
-        out,
-        "--steps",
-        STEPS,
-        "--micro-batch-size",
-        2,
-        "--lr",
-        3e-3,
-        "--warmup-steps",
-        1,
-        "--bpe-dropout",
-        0,
-        "--save-every",
-        2,
-        "--no-progress",
-        "--data-size",
-        64,
-        *extra,
-    ]
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
 
 RUNS = {
     "zero0": dict(stage=0),
@@ -145,16 +59,6 @@ def test_zero3_and_zero0_follow_the_same_loss_trajectory(workdir, dvae_dir):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=1e-3)
 
 
-def crash_and_resume(dvae_dir, out, cfg, *crash_flags, check_crashed=lambda out: None, extra=()):
-    """Run until the injected failure kills a rank, check the wreck, relaunch with --resume."""
-    crashed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *crash_flags, *extra))
-    assert crashed.returncode != 0
-    check_crashed(out)
-    resumed = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--resume", *extra))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return resumed
-
-
 def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
     ref = losses(run_stage("zero2", workdir, dvae_dir)[0])
     out = workdir / "crash"
@@ -163,7 +67,9 @@ def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
     def check(out):
         assert (out / "checkpoints" / "latest").read_text() == "step00000004"
 
-    resumed = crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5, check_crashed=check)
+    resumed = crash_and_resume(
+        "train_dalle.py", train_args(dvae_dir, out, cfg), "--fail-at-step", 5, check_crashed=check
+    )
     assert "resumed from step00000004" in resumed.stdout
     got = losses(out)
     assert len(got) == STEPS
@@ -180,7 +86,9 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(workdir, dvae_
         assert (ckpts / "latest").read_text() == "step00000002"
         assert (ckpts / "step00000004").exists() and not (ckpts / "step00000004" / "complete.json").exists()
 
-    resumed = crash_and_resume(dvae_dir, out, cfg, "--fail-in-save", 4, check_crashed=check)
+    resumed = crash_and_resume(
+        "train_dalle.py", train_args(dvae_dir, out, cfg), "--fail-in-save", 4, check_crashed=check
+    )
     assert "resumed from step00000002" in resumed.stdout
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
@@ -217,7 +125,7 @@ def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdi
     assert counts == {"samples": STEPS * 2 * 2}  # 2 ranks x micro-batch 2 per step, nothing skipped
     assert "data: 24 samples used; skipped and counted: none" in proc.stdout
     out = workdir / "stream_crash"
-    crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5, extra=stream)
+    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg, *stream), "--fail-at-step", 5)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-6, atol=1e-6)
     assert json.loads((out / "data_counts.json").read_text()) == counts  # the resumed stream did not repeat
 
@@ -401,7 +309,7 @@ def test_powersgd_resume_restores_error_feedback_exactly(workdir, dvae_dir):
     ref = losses(run_hooked("psgd_rank4_zero2", workdir, dvae_dir, 2, RANK4))
     out = workdir / "psgd_crash"
     cfg = hook_config(workdir, "psgd_crash", 2, RANK4)
-    crash_and_resume(dvae_dir, out, cfg, "--fail-at-step", 5)
+    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg), "--fail-at-step", 5)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
 

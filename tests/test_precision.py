@@ -1,0 +1,205 @@
+"""Mixed precision in both trainers under the real launcher (2 CPU ranks): bf16 runs for real on this
+CPU; fp16 runs once each rank patches DeepSpeed's capability check (tests/launch_env). Every
+combination trains from a shipped ``ds_configs/`` file, resumes exactly after a kill, and exports.
+The default run takes a spread of the matrix; ``-m slow`` runs all of it."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import ROOT
+from launching import (
+    STEPS,
+    crash_and_resume,
+    launch,
+    losses,
+    metrics,
+    shipped_config,
+    train_args,
+)
+
+from dalle_ds import DiscreteVAE, get_preset, load_model
+from dalle_ds.generation import load_pipeline
+from dalle_ds.serialization import load_dvae
+
+# name -> (trainer, shipped config, changes to it)
+MATRIX = {
+    f"{trainer}-zero{stage}-{precision}": (
+        trainer,
+        f"zero{2 if (stage, precision) == (1, 'bf16') else stage}_{precision}",
+        {"zero_optimization": {"stage": 1}} if (stage, precision) == (1, "bf16") else {},
+    )
+    for trainer in ("dalle", "dvae")
+    for stage in (1, 2, 3)
+    for precision in ("fp16", "bf16")
+}
+MATRIX["dalle-zero3-bf16-offload"] = ("dalle", "zero3_bf16_offload", {})  # DeepSpeedCPUAdam: a 95 s JIT build
+DEFAULT = {"dalle-zero2-fp16", "dalle-zero3-bf16", "dvae-zero3-fp16", "dvae-zero1-bf16"}
+PARAMS = [pytest.param(name, marks=() if name in DEFAULT else pytest.mark.slow) for name in MATRIX]
+
+
+def dvae_args(out, config, *extra):
+    return [
+        "--deepspeed_config", config, "--preset", "dvae-tiny", "--output-dir", out, "--steps", STEPS,
+        "--micro-batch-size", 4, "--lr", 1e-3, "--save-every", 2, "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def args_for(name, workdir, dvae_dir, out, *extra):
+    trainer, config, changes = MATRIX[name]
+    cfg = shipped_config(workdir, config, **changes)
+    if trainer == "dalle":
+        return "train_dalle.py", train_args(dvae_dir, out, cfg, *extra)
+    return "train_dvae.py", dvae_args(out, cfg, *extra)
+
+
+_runs: dict[str, object] = {}
+
+
+def reference_run(name, workdir, dvae_dir):
+    if name not in _runs:
+        out = workdir / f"prec_{name}"
+        script, args = args_for(name, workdir, dvae_dir, out, "--check-sync")
+        proc = launch(script, *args, fp16_on_cpu="fp16" in name)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _runs[name] = out
+    return _runs[name]
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
+    out = reference_run(name, workdir, dvae_dir)
+    rows = metrics(out)
+    values = [r["loss"] for r in rows]
+    assert len(values) == STEPS and all(math.isfinite(v) for v in values), values
+    applied = [r["loss"] for r in rows if not r["skipped"]]
+    assert len(applied) >= 3, rows  # fp16 may skip its first steps while the loss scale settles
+    assert sum(values[-2:]) / 2 < values[0] - 0.05, values
+    if "fp16" in name:
+        assert all(r["loss_scale"] >= 1 for r in rows)
+        assert rows[-1]["skipped_steps"] == sum(r["skipped"] for r in rows)
+    else:
+        assert all(r["loss_scale"] is None and not r["skipped"] for r in rows)
+    hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
+    assert len(hashes) == 1, "ranks diverged"
+    if name.startswith("dalle"):
+        model, tokenizer = load_pipeline(out / "final")
+        assert tokenizer.get_vocab_size() > 0
+    else:
+        model = load_model(out / "final")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+    crashed = workdir / f"prec_{name}_crash"
+    script, args = args_for(name, workdir, dvae_dir, crashed)
+    resumed = crash_and_resume(script, args, "--fail-at-step", 5, fp16_on_cpu="fp16" in name)
+    assert "resumed from step00000004" in resumed.stdout
+    got = metrics(crashed)
+    assert [r["skipped"] for r in got] == [r["skipped"] for r in rows]
+    assert [r["loss_scale"] for r in got] == [r["loss_scale"] for r in rows]
+    torch.testing.assert_close(torch.tensor(losses(crashed)), torch.tensor(values), rtol=1e-6, atol=1e-6)
+
+
+# --- the frozen dVAE of the DALL-E trainer -------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_dalle_trainer_encodes_images_in_fp32_whatever_the_engine_dtype(
+    precision, single_process_group, fp16_on_cpu, tmp_path, dvae_dir
+):
+    from dalle_ds.training import DalleTrainer, dalle_arg_parser
+
+    cfg = shipped_config(tmp_path, f"zero2_{precision}")
+    args = dalle_arg_parser().parse_args([str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg)])
+    trainer = DalleTrainer(args)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert {p.dtype for p in trainer.engine.module.parameters()} == {dtype}
+    assert {p.dtype for p in trainer.dvae.parameters()} == {torch.float32}
+    assert not any(name.startswith("dvae.") for name, _ in trainer.engine.module.named_parameters())
+    batch = trainer.batch(0)
+    trainer.micro_step = 0
+    codes = trainer.encode_images(batch["image"])
+    reference = load_dvae(dvae_dir).encode(batch["image"])  # a plain fp32 dVAE
+    assert torch.equal(codes, reference)
+    loss, row, _ = trainer.compute_loss(batch)
+    assert loss.dtype == torch.float32 and math.isfinite(row["loss"])
+
+
+def test_dvae_in_16_bits_keeps_losses_and_codebook_in_fp32():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 36, 36)
+    for preset in ("dvae-tiny", "dvae-demo"):  # gumbel and vq
+        model = DiscreteVAE(get_preset(preset))
+        if model.quantizer is not None:
+            model.train()(torch.nn.functional.interpolate(images, size=model.config.image_size))
+        ref = model.eval()(torch.nn.functional.interpolate(images, size=model.config.image_size))
+        model.bfloat16()
+        assert model.encoder.blocks.input.weight.dtype == torch.bfloat16
+        if model.quantizer is not None:  # a 16-bit EMA would round its updates away
+            assert {b.dtype for b in model.quantizer.buffers() if b.is_floating_point()} == {torch.float32}
+        out = model(torch.nn.functional.interpolate(images, size=model.config.image_size))  # fp32 in
+        assert out.loss.dtype == torch.float32 and out.recon_nll.dtype == torch.float32
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0.05, atol=0.05)
+        out.loss.backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.encoder.parameters())
+
+
+# --- fp16 loss scaling inside the trainer ----------------------------------------------------------
+
+
+def _optimizer_state(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    return state["single_partition_of_fp32_groups"], state["base_optimizer_state"]["state"]
+
+
+def test_fp16_overflow_skips_the_step_lowers_the_scale_and_leaves_the_state_untouched(workdir, dvae_dir):
+    cfg = shipped_config(workdir, "zero2_fp16", fp16={"initial_scale_power": 10, "hysteresis": 1})
+    out = workdir / "fp16_overflow"
+    extra = ("--inject-overflow-at", 3, "--save-every", 1, "--keep-checkpoints", STEPS, "--check-sync")
+    proc = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *extra), fp16_on_cpu=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]
+    assert rows[2]["loss_scale"] == rows[1]["loss_scale"] / 2 == 512
+    assert rows[-1]["skipped_steps"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+    ckpts = out / "checkpoints"
+    for rank in range(2):  # DeepSpeed's promise: the skipped batch changes no weight and no moment
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        (w2, s2), (w3, s3), (w4, _) = (_optimizer_state(ckpts / f"step0000000{k}" / name) for k in (2, 3, 4))
+        assert all(torch.equal(a, b) for a, b in zip(w2, w3, strict=True))
+        assert s2.keys() == s3.keys() and len(s2) > 0
+        for key in s2:
+            assert all(torch.equal(s2[key][k], s3[key][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+        assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))  # the next step applies
+    modules = [torch.load(ckpts / f"step0000000{k}" / "mp_rank_00_model_states.pt", weights_only=False) for k in (2, 3)]
+    assert all(torch.equal(modules[0]["module"][k], modules[1]["module"][k]) for k in modules[0]["module"])
+
+
+POWERSGD = json.loads((ROOT / "ds_configs" / "zero2_fp16_powersgd.json").read_text())["communication_hook"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_powersgd_under_fp16_skips_an_overflowed_step_and_keeps_training(stage, workdir, dvae_dir):
+    """The paper's setting (rank 4, Q drawn once, Householder, 16-bit P/Q, hierarchical) at ZeRO
+    0/1/2: an overflow after start_iter is a skipped step, not an exception."""
+    hook = {"start_iter": 2, "min_compression_rate": 1.5}
+    changes = {"fp16": {"initial_scale_power": 10, "hysteresis": 1}}
+    if stage == 2:  # the shipped file itself
+        cfg = shipped_config(workdir, "zero2_fp16_powersgd", communication_hook=hook, **changes)
+    else:  # its hook section on the shipped ZeRO 0 / 1 fp16 files
+        if stage == 1:
+            changes["zero_optimization"] = {"reduce_scatter": False}
+        cfg = shipped_config(workdir, f"zero{stage}_fp16", communication_hook={**POWERSGD, **hook}, **changes)
+    out = workdir / f"psgd_fp16_zero{stage}"
+    proc = launch(
+        "train_dalle.py", *train_args(dvae_dir, out, cfg, "--inject-overflow-at", 4, "--check-sync"), fp16_on_cpu=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["skipped"] for r in rows] == [False, False, False, True, False, False]
+    assert rows[3]["loss_scale"] == rows[2]["loss_scale"] / 2
+    assert rows[-1]["comm_bytes"] < 0.2 * rows[-1]["comm_bytes_plain"]  # compressing after start_iter
+    values = [r["loss"] for r in rows]
+    assert all(math.isfinite(v) for v in values) and values[-1] < values[0] - 0.3, values
+    hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
+    assert len(hashes) == 1, "ranks diverged"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One-GPU acceptance check (about 5 min on an H100/H200): both trainers through the deepspeed
+# launcher at ZeRO-2/3 in fp16 and bf16, block-sparse vs dense attention on CUDA, KV-cache
+# sampling, dalle-1.3b throughput and MFU. PASS/FAIL per check, a JSON report
+# (--out, default outputs/gpu_check/report.json), exit 1 on any failure, 2 without a CUDA device.
+# Args go to scripts/gpu_check.py: --list, --only PREFIXES, --jobs N, --cpu-smoke.
+# shellcheck source=scripts/env.sh
+source "$(dirname "$0")/env.sh"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader || true
+fi
+exec python scripts/gpu_check.py "$@"

@@ -12,7 +12,8 @@ setup(
     packages=find_packages(include=["dalle_ds", "dalle_ds.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        # The tested range; scripts/env.sh and the Dockerfile install the same (tests/test_package.py).
+        "torch>=2.13,<2.14",
         # DeepSpeed internals we hook into were checked against this range (DESIGN.md section 9).
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.40",

@@ -9,17 +9,17 @@ if [[ "${DALLE_DS_NO_VENV:-0}" != 1 ]]; then
     # shellcheck disable=SC1091
     source "$venv/bin/activate"
 fi
+# The torch range the project is tested with; setup.py's install_requires and the Dockerfile's
+# TORCH say the same (tests/test_package.py checks). On a Linux GPU machine PyPI's wheel is the
+# CUDA build; on this project's CPU machines the same range resolves to the local CPU build.
+torch_spec="torch>=2.13,<2.14"
 stamp="$(python -c 'import sys; print(sys.prefix)')/.dalle_ds_installed"
-want="$(sha1sum < "$repo/setup.py" | cut -c1-16)"
+want="$(cat "$repo/setup.py" "${BASH_SOURCE[0]}" | sha1sum | cut -c1-16)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     python -m pip install -q --upgrade pip
-    if ! python -c "import torch" 2>/dev/null; then
-        if command -v nvidia-smi >/dev/null 2>&1; then
-            python -m pip install -q torch                # CUDA build for GPU machines
-        else
-            python -m pip install -q "torch==2.13.0"      # no GPU: the CPU build where one is available
-        fi
-    fi
+    # Before the package, so pip keeps a torch already in range (CPU or CUDA build) and replaces
+    # one outside it with a build of this range rather than whatever the package install picks.
+    python -m pip install -q "$torch_spec"
     python -m pip install -q -e "${repo}[test]"
     # OpenAI's reference dVAE classes for the compatibility tests; its declared deps pull a
     # torchvision that breaks beside a CPU torch, and it needs only attrs + requests (in [test]).

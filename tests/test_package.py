@@ -1,9 +1,13 @@
 """Repository-level rules: model files stay pure torch; scripts run; public names exist."""
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import dalle_ds
 
@@ -77,19 +81,81 @@ def test_shell_scripts_pass_shellcheck():
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 
-def test_dockerfile_lints_and_its_python_install_steps_resolve(tmp_path):
-    """No Docker engine here: hadolint the Dockerfile, then do its pip steps in a fresh virtualenv
-    (build the wheels as the build stage does, resolve what the runtime stage installs), so a
-    broken requirement fails CI."""
-    import json
+def _dockerfile_settings() -> dict:
+    """The Dockerfile's pins and its build stage's DeepSpeed step, read the way a reviewer would."""
     import re
 
+    text = "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.startswith("#"))
+    build_stage = text[: text.index("\nFROM ", text.index(" AS build"))]
+    env = dict(re.findall(r"\b(DS_[A-Z_]+)=(\S+)", build_stage))
+    return {
+        "text": text,
+        "torch": re.search(r'ARG TORCH="([^"]+)"', text)[1],
+        "deepspeed": re.search(r'ARG DEEPSPEED="([^"]+)"', text)[1],
+        "wheel_step": re.search(r"RUN (pip wheel [^\n]+)", build_stage)[1],
+        "build_stage": build_stage,
+        "ds_env": env,
+    }
+
+
+def test_torch_range_is_the_same_in_setup_env_sh_and_the_dockerfile():
+    import re
+
+    docker = _dockerfile_settings()["torch"]
+    setup = re.findall(r'"(torch[<>=!~][^"]*)"', (ROOT / "setup.py").read_text())
+    env_sh = re.search(r'^torch_spec="([^"]+)"', (ROOT / "scripts" / "env.sh").read_text(), re.M)[1]
+    assert setup == [docker] == [env_sh], (setup, docker, env_sh)
+    import torch
+    from packaging.requirements import Requirement
+
+    assert Requirement(docker).specifier.contains(torch.__version__.split("+")[0]), "the tests run outside the range"
+
+
+def test_dockerfile_prebuilds_only_the_ops_the_trainers_use():
+    """CPUAdam is the one op the trainers load (DeepSpeedCPUAdam for configs that offload optimizer
+    states); FusedAdam is never built (the trainers pass torch's AdamW), and ZeRO flattens with
+    torch's helpers, not the utils op. The sdist's setup.py imports torch to build ops, so no build
+    isolation, and the accelerator is forced to cuda (docker build sees no GPU)."""
+    s = _dockerfile_settings()
+    assert s["ds_env"] == {"DS_ACCELERATOR": "cuda", "DS_BUILD_OPS": "0", "DS_BUILD_CPU_ADAM": "1"}, s["ds_env"]
+    assert "--no-build-isolation" in s["wheel_step"] and '"${DEEPSPEED}"' in s["wheel_step"]
+    build = s["build_stage"]
+    assert build.index('"${TORCH}"') < build.index("RUN pip wheel"), "torch must be installed before the wheel step"
+    assert "installed_ops" in build and "'cpu_adam'" in build, "the build stage asserts the op was prebuilt"
+    sources = "\n".join(p.read_text() for p in (ROOT / "dalle_ds").glob("*.py"))
+    assert "DeepSpeedCPUAdam" in sources and "FusedAdam" not in sources, "the prebuilt ops no longer match the code"
+    # The flag names an op of the installed DeepSpeed, as the CUDA accelerator lists them.
+    code = (
+        "import json; from deepspeed.ops.op_builder.all_ops import ALL_OPS as A; "
+        "print(json.dumps({n: o.BUILD_VAR for n, o in A.items()}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cuda"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    build_vars = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert build_vars["cpu_adam"] == "DS_BUILD_CPU_ADAM"
+
+
+def test_dockerfile_lints_and_its_python_install_steps_resolve(tmp_path):
+    """No Docker engine here: hadolint the Dockerfile, then do its pip steps in virtualenvs: the
+    build stage's DeepSpeed wheel without build isolation (op compilation off: the slow test below
+    compiles it), the project's wheel, and what the image installs from them, resolved in a fresh
+    virtualenv, so a broken requirement fails CI."""
     proc = subprocess.run([_tool("hadolint"), "Dockerfile"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    deepspeed = re.search(r'ARG DEEPSPEED="([^"]+)"', dockerfile)[1]
-    assert f'"{deepspeed}"' in (ROOT / "setup.py").read_text(), "Dockerfile and setup.py pin different DeepSpeeds"
+    s = _dockerfile_settings()
+    assert f'"{s["deepspeed"]}"' in (ROOT / "setup.py").read_text(), "Dockerfile and setup.py pin different DeepSpeeds"
     wheels = tmp_path / "wheels"
+    env = {**os.environ, **s["ds_env"], "DS_BUILD_CPU_ADAM": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-build-isolation"]
+        + ["--wheel-dir", str(wheels), s["deepspeed"]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(ROOT)],
         capture_output=True,
@@ -101,11 +167,41 @@ def test_dockerfile_lints_and_its_python_install_steps_resolve(tmp_path):
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [str(tmp_path / "fresh" / "bin" / "pip"), "install", "-q", "--dry-run", "--ignore-installed"]
-        + ["--report", str(report), *map(str, wheels.glob("*.whl")), deepspeed],
+        + ["--report", str(report), s["torch"], *map(str, wheels.glob("*.whl"))],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
-    assert {"dalle-ds", "deepspeed", "torch", "transformers", "datasets", "huggingface-hub"} <= names
+    install = {
+        item["metadata"]["name"].lower().replace("_", "-"): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert {"dalle-ds", "deepspeed", "torch", "transformers", "datasets", "huggingface-hub"} <= set(install)
+    from packaging.requirements import Requirement
+
+    assert Requirement(s["torch"]).specifier.contains(install["torch"].split("+")[0]), install["torch"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_dockerfile_build_stage_compiles_cpu_adam_for_the_cuda_accelerator(tmp_path):
+    """The build stage's DeepSpeed step as it is (CPUAdam compiled, ~80 s on 2 cores): the wheel
+    records the op as installed for the cuda accelerator, so GPU nodes load it without a JIT build."""
+    import zipfile
+
+    s = _dockerfile_settings()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-build-isolation"]
+        + ["--wheel-dir", str(tmp_path), s["deepspeed"]],
+        capture_output=True,
+        text=True,
+        timeout=1100,
+        env={**os.environ, **s["ds_env"], "MAX_JOBS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("deepspeed-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        info = z.read("deepspeed/git_version_info_installed.py").decode()
+        assert any(n.startswith("deepspeed/ops/adam/cpu_adam_op") and n.endswith(".so") for n in z.namelist())
+    assert "accelerator_name='cuda'" in info and "'cpu_adam': 1" in info, info

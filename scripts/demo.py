@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """End-to-end demo on a built-in default: train a tiny dVAE, then a tiny DALL-E, on captioned
-shapes this script makes itself, through the `deepspeed` launcher on the CPU, and check that the
-model draws captions it never saw.
+shapes this script makes itself, through the `deepspeed` launcher (2 CPU ranks, or one rank per
+GPU on up to 2 GPUs), and check that the model draws captions it never saw.
 
     ./scripts/demo.sh [--out outputs/demo] [--ranks 2] [--dvae-steps 1000] [--dalle-steps 1500]
 
 1. Data: the synthetic captioned-shapes set ("a red circle at the top left": 4 colours x 3 shapes
    x 9 positions), drawn on the fly; ``--holdout`` combinations are kept out of both stages.
 2. dVAE: 36 px -> 9 x 9 codes of 128, EMA vector quantiser (``dvae-demo``), ``--ranks``
-   DeepSpeed CPU ranks (ZeRO-2, fp32).
+   DeepSpeed ranks (ZeRO-2, fp32): 2 CPU processes without CUDA, else one per GPU (at most 2).
+   One rank accumulates two micro batches, so micro and global batch match the 2-rank run.
 3. DALL-E: ``dalle-demo`` (4 layers, d 128) on those codes, same launcher and config.
 4. Samples ``--per-caption`` images for every held-out caption (temperature ``--temperature``),
    writes them as a grid PNG (one row per caption) and reads colour, shape and position back with
@@ -38,8 +39,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_ranks() -> int:
+    """2 CPU ranks without CUDA; with CUDA one rank per GPU, at most 2 (a rank needs its own GPU)."""
+    import torch
+
+    return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+
+
+def batch_layout(batch_size: int, ranks: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient accumulation steps) for a global batch over ``ranks``.
+
+    The demo's reference run has 2 ranks; a single rank accumulates two micro batches of the same
+    size, so the global batch, the micro batch and the number of optimizer steps stay the same."""
+    accum = max(1, 2 // ranks)
+    return batch_size // (ranks * accum), accum
+
+
 def launch(script: str, ranks: int, args: list[str]) -> None:
-    """Run ``scripts/<script>`` under the deepspeed launcher with ``ranks`` CPU processes."""
+    """Run ``scripts/<script>`` under the deepspeed launcher with ``ranks`` processes (CPU, or one per GPU)."""
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [sys.executable, str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     cmd += [str(ROOT / "scripts" / script), *args]
@@ -55,7 +72,12 @@ def launch(script: str, ranks: int, args: list[str]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--ranks", type=int, default=2, help="DeepSpeed CPU processes")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        help="DeepSpeed processes (default: 2 on the CPU; with CUDA one per GPU, at most 2)",
+    )
     p.add_argument("--holdout", type=int, default=20, help="combinations kept out of training (of 108)")
     p.add_argument("--dvae-steps", type=int, default=1000)
     p.add_argument("--dalle-steps", type=int, default=1800)
@@ -72,14 +94,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "cpu_zero2_fp32.json"))
     args = p.parse_args(argv)
-    if args.batch_size % args.ranks:
-        p.error(f"--batch-size {args.batch_size} is not divisible by --ranks {args.ranks}")
+    if args.ranks is None:
+        args.ranks = default_ranks()
+    if args.ranks < 1:
+        p.error("--ranks must be >= 1")
+    micro, accum = batch_layout(args.batch_size, args.ranks)
+    if args.batch_size % (args.ranks * accum):
+        p.error(f"--batch-size {args.batch_size} is not divisible by --ranks {args.ranks} x accumulation {accum}")
     start = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    micro = str(args.batch_size // args.ranks)
-    common = ["--deepspeed_config", args.ds_config, "--micro-batch-size", micro, "--holdout", str(args.holdout),
+    common = ["--deepspeed_config", args.ds_config, "--micro-batch-size", str(micro), "--holdout", str(args.holdout),
               "--data-size", "1000000", "--seed", str(args.seed), "--log-every", "10"]  # fmt: skip
+    if accum > 1:
+        common += ["--grad-accum", str(accum)]
 
     import torch
 

@@ -136,6 +136,18 @@ def test_dockerfile_prebuilds_only_the_ops_the_trainers_use():
     assert build_vars["cpu_adam"] == "DS_BUILD_CPU_ADAM"
 
 
+def _build_deepspeed_wheel(settings: dict, wheel_dir, extra_env: dict, timeout: int):
+    """The build stage's `pip wheel` of DeepSpeed: no build isolation, the Dockerfile's DS_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-build-isolation"]
+        + ["--wheel-dir", str(wheel_dir), settings["deepspeed"]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **settings["ds_env"], **extra_env},
+    )
+
+
 def test_dockerfile_lints_and_its_python_install_steps_resolve(tmp_path):
     """No Docker engine here: hadolint the Dockerfile, then do its pip steps in virtualenvs: the
     build stage's DeepSpeed wheel without build isolation (op compilation off: the slow test below
@@ -146,15 +158,7 @@ def test_dockerfile_lints_and_its_python_install_steps_resolve(tmp_path):
     s = _dockerfile_settings()
     assert f'"{s["deepspeed"]}"' in (ROOT / "setup.py").read_text(), "Dockerfile and setup.py pin different DeepSpeeds"
     wheels = tmp_path / "wheels"
-    env = {**os.environ, **s["ds_env"], "DS_BUILD_CPU_ADAM": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-build-isolation"]
-        + ["--wheel-dir", str(wheels), s["deepspeed"]],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = _build_deepspeed_wheel(s, wheels, {"DS_BUILD_CPU_ADAM": "0"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(ROOT)],
@@ -191,14 +195,7 @@ def test_dockerfile_build_stage_compiles_cpu_adam_for_the_cuda_accelerator(tmp_p
     import zipfile
 
     s = _dockerfile_settings()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-cache-dir", "--no-deps", "--no-build-isolation"]
-        + ["--wheel-dir", str(tmp_path), s["deepspeed"]],
-        capture_output=True,
-        text=True,
-        timeout=1100,
-        env={**os.environ, **s["ds_env"], "MAX_JOBS": "2"},
-    )
+    proc = _build_deepspeed_wheel(s, tmp_path, {"MAX_JOBS": "2"}, timeout=1100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("deepspeed-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -249,6 +249,23 @@ def backward(engine, loss: torch.Tensor) -> None:
         hook.reduce(grads, scale=loss_scale(engine) or 1.0)
 
 
+def after_skipped_step(engine) -> None:
+    """Repair what DeepSpeed 0.19.8's ZeRO-3 leaves undone when an fp16 step overflows.
+
+    ``DeepSpeedZeroOptimizer_Stage3.step`` partitions every parameter, then returns early on an
+    overflow, before ``_post_step`` gathers the persistent (small, never-sharded) parameters again.
+    The next forward then fetches them outside the recorded prefetch trace, and when the trace was
+    recorded while they were gathered (the first step after loading a checkpoint is an overflow)
+    backward fails with "tracing error ... expected the next 1 parameters in the parameter fetch
+    queue". Gathering them here restores what a completed step leaves.
+    """
+    if engine.zero_optimization_stage() != 3:
+        return
+    persistent = getattr(engine.optimizer, "persistent_parameters", None)
+    if persistent:
+        persistent[0].all_gather(persistent)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on gains, biases and embeddings (paper App. D)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}

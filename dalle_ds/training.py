@@ -35,6 +35,7 @@ from .dalle import DALLE
 from .dvae import DiscreteVAE
 from .engine import (
     DeepSpeedConfigError,
+    after_skipped_step,
     apply_activation_checkpointing,
     backward,
     build_engine,
@@ -392,6 +393,8 @@ class Trainer(abc.ABC):
                     totals[k] = totals.get(k, 0.0) + v / self.accum
             self.step += 1
             skipped = self.engine.skipped_steps - skipped_before  # fp16 overflow: update not applied
+            if skipped:
+                after_skipped_step(self.engine)
             comm = None
             if self.comm_hook is not None:
                 now = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)

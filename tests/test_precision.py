@@ -35,7 +35,7 @@ MATRIX = {
     for precision in ("fp16", "bf16")
 }
 MATRIX["dalle-zero3-bf16-offload"] = ("dalle", "zero3_bf16_offload", {})  # DeepSpeedCPUAdam: a 95 s JIT build
-DEFAULT = {"dalle-zero2-fp16", "dalle-zero3-bf16", "dvae-zero3-fp16", "dvae-zero1-bf16"}
+DEFAULT = {"dalle-zero3-fp16", "dalle-zero1-bf16", "dvae-zero2-fp16", "dvae-zero3-bf16"}
 PARAMS = [pytest.param(name, marks=() if name in DEFAULT else pytest.mark.slow) for name in MATRIX]
 
 

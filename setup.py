@@ -26,6 +26,8 @@ setup(
         "huggingface_hub>=0.23",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "pyarrow>=12",  # Parquet shards read per file (dalle_ds/data.py); also a dependency of datasets
+        "py3langid>=0.4",  # the optional English-caption filter; its model ships inside the wheel
     ],
     extras_require={
         # OpenAI's dall_e reference classes are installed with --no-deps (see scripts/test.sh):

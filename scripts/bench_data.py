@@ -7,8 +7,8 @@ Writes `--images` JPEGs (smooth random content, quality 90) with captions into W
 in a temporary folder, then measures in this process, interleaved over `--rounds`:
 
   raw decode   PIL: open + full decode to RGB of every JPEG's bytes (already in memory)
-  decode+crop  dalle_ds.data.read_image + paper_crop on the same bytes: the per-image work with
-               no streaming (draft decoding, the crop's resampling)
+  decode+crop  dalle_ds.data.read_image + crop_tensor on the same bytes: the per-image work with
+               no streaming (draft/fast-DCT decoding, the crop's resampling to a uint8 tensor)
   pipeline     dalle_ds.data.StreamLoader, 0 workers (one core): read shards -> decode (draft
                mode) -> filters -> paper crop -> tensors -> batches, plus BPE tokenization and
                padding of the captions (dalle_ds.text.encode_captions)
@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from dalle_ds import get_preset
-from dalle_ds.data import DataConfig, StreamLoader, paper_crop, read_image
+from dalle_ds.data import DataConfig, StreamLoader, crop_tensor, read_image
 from dalle_ds.synthetic import write_tar
 from dalle_ds.text import encode_captions, train_tokenizer
 
@@ -108,7 +108,7 @@ def main() -> None:
             aug = random.Random(0)
             need = -(-args.image_size * 9 // 8)
             for data in jpegs:
-                paper_crop(read_image(data, need, cfg.max_pixels), args.image_size, aug)
+                crop_tensor(read_image(data, need, cfg.max_pixels, cfg.fast_jpeg), args.image_size, aug)
             return len(jpegs)
 
         cases = {"raw decode": raw, "decode+crop": decode_crop, "pipeline": pipeline("pipeline", 0)}

@@ -85,6 +85,11 @@ def base_arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--caption-column", default=None, help="stream: caption column (default: auto)")
     p.add_argument("--data-workers", type=int, default=2, help="stream: data-loader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="stream: shuffle buffer per worker")
+    p.add_argument(
+        "--english-only",
+        action="store_true",
+        help="stream: skip captions the language detector does not find English (counted as non_english)",
+    )
     p.add_argument("--data-size", type=int, default=4096, help="samples per epoch of the synthetic set")
     p.add_argument("--holdout", type=int, default=0, help="synthetic combinations held out of training")
     p.add_argument("--output-dir", required=True)
@@ -174,6 +179,7 @@ class Trainer(abc.ABC):
                 image_size=self.image_size(),
                 shuffle_buffer=args.shuffle_buffer,
                 seed=args.seed,
+                english_only=args.english_only,
             )
             self.stream = StreamLoader(cfg, self.micro, self.rank, self.world, args.data_workers)
         self._perm: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation), built lazily
@@ -683,7 +689,9 @@ class DalleTrainer(Trainer):
 
                 from .data import DataConfig, iter_captions
 
-                source = DataConfig(self.args.data, caption_column=self.args.caption_column)
+                source = DataConfig(
+                    self.args.data, caption_column=self.args.caption_column, english_only=self.args.english_only
+                )
                 captions = itertools.islice(iter_captions(source), 100_000)
             train_tokenizer(captions, self.config.text_vocab_size, path)
         dd.barrier()

@@ -223,3 +223,22 @@ def test_few_shards_slots_skip_examples_without_reading_them(tmp_path):
     assert len(first_epoch(loader)) == 6  # 4 slots: this rank's 2 workers keep 3 examples each
     shard = (tmp_path / "few" / "part-000.tar").stat().st_size
     assert loader.io_counters()["bytes_read"] < shard  # 2 x (every header + a quarter of the payloads)
+
+
+def test_trainer_flag_english_only_reaches_the_stream(tmp_path, single_process_group, dvae_dir):
+    """``--english-only`` on the trainer's command line filters its stream (and its tokenizer's captions)."""
+    from launching import shipped_config, train_args
+
+    from dalle_ds.training import DalleTrainer, dalle_arg_parser
+
+    captions = ["a red circle at the top left", "ein roter Kreis oben links"] * 4
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "a.tar", [(f"{i}", {"png": png(), "txt": c.encode()}) for i, c in enumerate(captions)])
+    cfg = shipped_config(tmp_path, "cpu_zero2_fp32")
+    extra = ("--data", tmp_path / "s", "--data-workers", 0, "--english-only")
+    args = dalle_arg_parser().parse_args([str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg, *extra)])
+    trainer = DalleTrainer(args)
+    assert trainer.stream.cfg.english_only
+    seen = [c for step in range(2) for c in trainer.batch(step)["caption"]]
+    assert set(seen) == {"a red circle at the top left"}
+    assert trainer.stream.counters()["non_english"] >= 2

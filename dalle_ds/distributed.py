@@ -87,6 +87,8 @@ def init_distributed(dist_backend: str | None = None, **kwargs) -> None:
         deepspeed.init_distributed(dist_backend=backend, **kwargs)
     finally:
         ds_torch_comm.build_shm_op = build
+    if acc.device_name() != "cpu" and "LOCAL_RANK" in os.environ:  # MPI discovery sets it only now
+        acc.set_device(int(os.environ["LOCAL_RANK"]))
     _HOST_GROUP = None
     if "cpu" not in _device_types(None):
         _HOST_GROUP = dist.new_group(backend="gloo")  # every rank, same order: right after init

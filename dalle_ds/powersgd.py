@@ -129,14 +129,18 @@ class PowerSGD:
         self.config = config
         self.group = group  # across which PowerSGD runs (inter-node group in hierarchical mode)
         self.intra_group = intra_group  # exact pre-reduce (hierarchical mode)
-        # Committed state (what the last applied update left) and what this step's reduces wrote;
-        # step(skipped=...) commits or drops the latter, so a skipped step leaves no trace.
+        # Whether the engine skips a step whose gradients are not finite (fp16 with loss scaling).
+        # Then this step's residuals and warm-start Q's are staged and step(skipped=...) commits or
+        # drops them (one extra copy of the compressed matrices' residuals while a step runs);
+        # otherwise residuals are updated in place and a non-finite step is an error.
+        self.skips_non_finite = False
         self.errors: dict[Any, torch.Tensor] = {}  # unscaled residuals (true-gradient units)
         self.qs: dict[Any, torch.Tensor] = {}
         self._pending_errors: dict[Any, torch.Tensor] = {}
         self._pending_qs: dict[Any, torch.Tensor] = {}
+        self._finite: torch.Tensor | None = None  # on the device: no host sync until step()
         self.iter = 0
-        self.skipped = 0  # steps whose reduce saw a non-finite value (an fp16 overflow) or were skipped
+        self.skipped = 0  # steps the engine skipped (fp16 overflow): nothing of them was kept
         self.bytes_sent = 0
         self.bytes_plain = 0
         self.last_step_bytes = (0, 0)
@@ -154,9 +158,11 @@ class PowerSGD:
             "bytes_plain": self.bytes_plain,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
+        """Restore :meth:`state_dict`; residuals and Q's go to ``device`` (the gradients' device)."""
         self.iter, self.bytes_sent, self.bytes_plain = state["iter"], state["bytes_sent"], state["bytes_plain"]
-        self.errors, self.qs = dict(state["errors"]), dict(state["qs"])
+        self.errors = {k: v.to(device) if device is not None else v for k, v in state["errors"].items()}
+        self.qs = {k: v.to(device) if device is not None else v for k, v in state["qs"].items()}
         self.skipped = state.get("skipped", 0)
         self._pending_errors, self._pending_qs = {}, {}
         self._generator.set_state(state["generator"])
@@ -276,48 +282,59 @@ class PowerSGD:
         ps = [torch.bmm(M, Q) for _, _, M, _, Q in batches]
         p_flat = self._all_reduce_sum_wire(ps, wire)
         sent = p_flat.numel() * wire.itemsize
-        if not bool(torch.isfinite(p_flat).all()):  # the same on every rank: P was all-reduced
-            for _, grads, _, _, _ in batches:  # an overflow: the engine sees it and skips the step
-                for g in grads:
-                    g.fill_(float("nan"))
-            return sent
-        ps = _split_like(p_flat, ps)
+        ps = _split_like(p_flat, ps)  # non-finite P (an fp16 overflow) stays so through to the output
         for p in ps:
             _orthogonalize(p, cfg.orthogonalization, cfg.epsilon)
         qs = [torch.bmm(M.transpose(1, 2), p) for (_, _, M, _, _), p in zip(batches, ps, strict=True)]
         q_flat = self._all_reduce_sum_wire(qs, wire)
+        finite = torch.isfinite(p_flat).all() & torch.isfinite(q_flat).all()  # equal on every rank: reduced
+        self._finite = finite if self._finite is None else self._finite & finite
         qs = [q.mul_(1.0 / world) for q in _split_like(q_flat, qs)]
         for (keys, grads, _, M_in, _), p, q in zip(batches, ps, qs, strict=True):
             approx = torch.bmm(p, q.transpose(1, 2))  # (b, n, m)
             for i, (k, g) in enumerate(zip(keys, grads, strict=True)):
                 if cfg.error_feedback:
-                    self._pending_errors[k] = (M_in[i] - approx[i]) / scale
+                    staged = self._pending_errors if self.skips_non_finite else self.errors
+                    staged[k] = (M_in[i] - approx[i]) / scale
                 if cfg.warm_start:
                     self._pending_qs[k] = q[i].clone()
                 g.copy_(approx[i].reshape(g.shape))
         return sent + q_flat.numel() * wire.itemsize  # P and Q travel in the wire dtype
 
     def _error(self, key, shape: tuple[int, int], device) -> torch.Tensor:
-        if key in self._pending_errors:  # an earlier reduce of this step (ZeRO-2 micro-batches)
-            return self._pending_errors[key]
-        return self.errors.get(key, torch.zeros(shape, device=device))
+        error = self._pending_errors.get(key)  # an earlier reduce of this step (ZeRO-2 micro-batches)
+        if error is None:
+            error = self.errors.get(key)
+        return error if error is not None else torch.zeros(shape, device=device)
 
     def _all_reduce_sum_wire(self, tensors: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)  # overflows to inf in fp16: skipped
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)  # may overflow to inf in fp16
         dd.all_reduce(flat, group=self.group)
         return flat.float()
 
     def step(self, skipped: bool = False) -> None:
-        """Call once per optimizer step, after the engine's step. ``skipped``: the engine did not
-        apply the update (an fp16 overflow): this step's residuals and Q's are dropped, so the
-        next step starts from the state the last applied update left."""
-        if skipped:
+        """Call once per optimizer step, after the engine's step (one host sync).
+
+        ``skipped``: the engine did not apply the update (an fp16 overflow). This step's residuals
+        and warm-start Q's are then dropped, so the next step starts from the state the last applied
+        update left (Q's drawn for matrices seen for the first time are kept: they depend on no
+        gradient). With an engine that applies every update (bf16, fp32), non-finite P or Q raise
+        ``FloatingPointError`` here: the update already applied was not finite."""
+        finite = True if self._finite is None else bool(self._finite)
+        self._finite = None
+        if skipped or not finite:
+            self._pending_errors, self._pending_qs = {}, {}
+            if not self.skips_non_finite:
+                raise FloatingPointError(
+                    f"PowerSGD: non-finite values in the reduced P/Q at step {self.iter}, and the engine "
+                    f"applies every update (no fp16 loss scaling); lower the learning rate or check the data"
+                )
             self.skipped += 1
-        else:
-            self.errors.update(self._pending_errors)
-            self.qs.update(self._pending_qs)
-            self.iter += 1
+            return
+        self.errors.update(self._pending_errors)
+        self.qs.update(self._pending_qs)
         self._pending_errors, self._pending_qs = {}, {}
+        self.iter += 1
 
 
 def _as_rows(g: torch.Tensor) -> torch.Tensor:
@@ -408,6 +425,7 @@ def attach_comm_hook(engine, hook) -> None:
     if stage == 0:
         engine.enable_backward_allreduce = False
         engine._dalle_ds_comm_hook = hook  # reduced by dalle_ds.engine.backward at accumulation boundaries
+        hook.skips_non_finite = engine.fp16_enabled()
         return
     opt = engine.optimizer
     if not all(hasattr(opt, name) for name in ("gradient_reduction_w_predivide", "ipg_buckets", "bit16_groups")):
@@ -436,3 +454,4 @@ def attach_comm_hook(engine, hook) -> None:
 
     opt.gradient_reduction_w_predivide = reduce_bucket
     engine._dalle_ds_comm_hook = hook
+    hook.skips_non_finite = engine.fp16_enabled()  # DeepSpeed's fp16 optimizers skip overflowed steps

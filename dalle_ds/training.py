@@ -318,10 +318,10 @@ class Trainer(abc.ABC):
         self.step, self.bad_steps = client["step"], client["bad_steps"]
         rng_path = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
         if rng_path.exists():
-            rng = torch.load(rng_path, weights_only=True)
+            rng = torch.load(rng_path, map_location="cpu", weights_only=True)  # RNG states live on the host
             _set_rng_state(rng)
-            if self.comm_hook is not None and "comm_hook" in rng:
-                self.comm_hook.load_state_dict(rng["comm_hook"])
+            if self.comm_hook is not None and "comm_hook" in rng:  # residuals and Q's: on this rank's device
+                self.comm_hook.load_state_dict(rng["comm_hook"], device=self.engine.device)
             if self.stream is not None and "data" in rng:
                 self.stream.load_state_dict(rng["data"])
         state_path = self.ckpt_dir / tag / "trainer_state.pt"

@@ -203,8 +203,13 @@ def _fp16_worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = PowerSGDConfig(rank=2, start_iter=0, min_compression_rate=1, dtype="fp16", orthogonalization="householder")
 
+    def fp16_hook():  # as attach_comm_hook sets it up on an fp16 engine
+        hook = PowerSGD(cfg)
+        hook.skips_non_finite = True
+        return hook
+
     def run(scales, told):
-        hook, applied = PowerSGD(cfg), []
+        hook, applied = fp16_hook(), []
         for step, (scale, say) in enumerate(zip(scales, told, strict=True)):
             g = (_grad(rank, step) * 1e-3 * scale).half()
             hook.reduce([("w", g)], scale=say)
@@ -216,39 +221,56 @@ def _fp16_worker(rank, world, port, out):
     moving = run(SCALES, SCALES)
     unaware = run(SCALES, [1.0] * len(SCALES))  # a hook that keeps residuals in scaled units
 
-    # An overflow mid-run: no exception, the engine sees non-finite values, nothing is kept.
-    hook, twin = PowerSGD(cfg), PowerSGD(cfg)
+    # Overflows mid-run: no exception, the engine sees non-finite values, nothing is kept. Step 2
+    # overflows in the matrix itself; step 3 in a bias of the same bucket while the matrix's P and Q
+    # stay finite (its new residual must be dropped too, since the engine skips the whole step).
+    hook, twin = fp16_hook(), fp16_hook()
     for step in range(2):
         for h in (hook, twin):
             g = (_grad(rank, step) * 1e-3 * 1024).half()
-            h.reduce([("w", g)], scale=1024)
+            h.reduce([("w", g), ("b", torch.ones(3, dtype=torch.half))], scale=1024)
             h.step()
     before = {k: v.clone() for k, v in hook.errors.items()}
-    bad = (_grad(rank, 2) * 1e-3 * 1024).half()
-    if rank == 1:
-        bad[0, 0] = float("inf")
-    hook.reduce([("w", bad)], scale=1024)
-    overflow_seen = not bool(torch.isfinite(bad).all())
-    hook.step(skipped=True)
-    kept = all(torch.equal(before[k], hook.errors[k]) for k in before)
+    seen, kept = [], []
+    for step, where in ((2, "w"), (3, "b")):
+        bad = {"w": (_grad(rank, step) * 1e-3 * 1024).half(), "b": torch.ones(3, dtype=torch.half)}
+        if rank == 1:
+            bad[where].view(-1)[0] = float("inf")
+        hook.reduce(list(bad.items()), scale=1024)
+        seen.append(not bool(torch.isfinite(bad[where]).all()))
+        hook.step(skipped=True)  # what the engine reports after its overflow check
+        kept.append(all(torch.equal(before[k], hook.errors[k]) for k in before))
     after = []
-    for h in (hook, twin):  # the next step, at the halved scale, is as if the overflow never came
-        g = (_grad(rank, 3) * 1e-3 * 512).half()
-        h.reduce([("w", g)], scale=512)
+    for h in (hook, twin):  # the next step, at a lower scale, is as if the overflows never came
+        g = (_grad(rank, 4) * 1e-3 * 256).half()
+        h.reduce([("w", g), ("b", torch.ones(3, dtype=torch.half))], scale=256)
         h.step()
         after.append(g.float())
-    out[rank] = (constant, moving, unaware, overflow_seen, kept, hook.skipped, after[0], after[1])
+
+    # An engine that applies every update (bf16/fp32): a non-finite P/Q is an error, not a skip.
+    plain = PowerSGD(cfg)
+    g = _grad(rank, 0).half()
+    if rank == 0:
+        g[1, 1] = float("nan")
+    plain.reduce([("w", g)])
+    try:
+        plain.step()
+        raised = False
+    except FloatingPointError:
+        raised = True
+    out[rank] = (constant, moving, unaware, all(seen), all(kept), hook.skipped, after[0], after[1], raised)
     dist.destroy_process_group()
 
 
 def test_fp16_loss_scale_changes_do_not_change_the_update_and_overflows_are_skipped():
     out = run_ranks(_fp16_worker, 2)
-    constant, moving, unaware, overflow_seen, kept, skipped, after, twin = out[0]
+    constant, moving, unaware, overflow_seen, kept, skipped, after, twin, raised = out[0]
     assert not torch.allclose(constant[1:], torch.stack([(_grad(0, s) + _grad(1, s)) / 2e3 for s in range(1, 6)]))
     rel = ((moving - constant).norm() / constant.norm()).item()
     assert rel < 5e-3, rel  # fp16 rounding of the buckets at other scales, nothing more
     wrong = ((unaware - constant).norm() / constant.norm()).item()
     assert wrong > 0.1, wrong  # residuals carried across a scale change in scaled units
-    assert overflow_seen and kept and skipped == 1
-    assert out[1][3] and out[1][4]  # rank 0 had finite input: it saw the overflow through the reduce
+    assert overflow_seen and kept and skipped == 2
+    assert out[1][3] and out[1][4]  # rank 0 had finite input: it saw the overflows through the reduce
     torch.testing.assert_close(after, twin, rtol=0, atol=0)
+    assert raised and out[1][8]  # on both ranks: the reduced P is non-finite everywhere

@@ -3,6 +3,7 @@ CPU; fp16 runs once each rank patches DeepSpeed's capability check (tests/launch
 combination trains from a shipped ``ds_configs/`` file, resumes exactly after a kill, and exports.
 The default run takes a spread of the matrix; ``-m slow`` runs all of it."""
 
+import io
 import json
 import math
 
@@ -35,6 +36,13 @@ MATRIX = {
     for precision in ("fp16", "bf16")
 }
 MATRIX["dalle-zero3-bf16-offload"] = ("dalle", "zero3_bf16_offload", {})  # DeepSpeedCPUAdam: a 95 s JIT build
+for _trainer in ("dalle", "dvae"):  # the other shipped fp16 files, in both trainers
+    MATRIX[f"{_trainer}-zero0-fp16"] = (_trainer, "zero0_fp16", {})
+    MATRIX[f"{_trainer}-zero2-fp16-powersgd"] = (
+        _trainer,
+        "zero2_fp16_powersgd",
+        {"communication_hook": {"start_iter": 2}},
+    )
 DEFAULT = {"dalle-zero3-fp16", "dalle-zero1-bf16", "dvae-zero2-fp16", "dvae-zero3-bf16"}
 PARAMS = [pytest.param(name, marks=() if name in DEFAULT else pytest.mark.slow) for name in MATRIX]
 
@@ -203,3 +211,24 @@ def test_powersgd_under_fp16_skips_an_overflowed_step_and_keeps_training(stage, 
     assert all(math.isfinite(v) for v in values) and values[-1] < values[0] - 0.3, values
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
     assert len(hashes) == 1, "ranks diverged"
+
+
+def test_rng_state_round_trip_covers_every_generator_a_step_draws_from():
+    import random
+
+    import numpy as np
+
+    from dalle_ds.training import _rng_state, _set_rng_state
+
+    state = _rng_state()
+    saved = torch.load(io.BytesIO(_save(state)), weights_only=True)  # as checkpoints store it
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    _set_rng_state(saved)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def _save(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -147,6 +147,11 @@ class DataConfig:
     fast_jpeg: bool = True
     """Decode JPEGs with libjpeg's fast integer DCT and plain chroma upsampling (~12% faster, mean
     pixel difference ~1/255); False: the accurate DCT."""
+    caption_encoder: Callable[[list[str], tuple[int, ...]], torch.Tensor] | None = None
+    """Tokenize each batch's captions in the data workers: ``caption_encoder(captions, key)`` returns
+    the batch's ``"text"`` ids; ``key`` = (epoch, slot, examples the slot had consumed) identifies the
+    batch, so seeded BPE dropout gives a resumed run the ids of the uninterrupted one (see
+    :class:`dalle_ds.text.CaptionEncoder`). Must be picklable."""
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -765,6 +770,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     continue
                 yield item, ((pos, taken) if nxt is not None else (pos + 1, 0))
 
+    def _batch(self, key: str, images: list, captions: list[str], slot: int, consumed: int, state: dict) -> dict:
+        batch = {key: torch.stack(images), "caption": captions, "slot": slot, "state": state}
+        if self.cfg.caption_encoder is not None:  # tokenized here, in the worker, not on the training loop
+            batch["text"] = self.cfg.caption_encoder(captions, (self.epoch, slot, consumed))
+        return batch
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
@@ -801,12 +812,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             images.append(image)
             captions.append(caption)
             if len(images) == self.batch_size:
-                yield {key: torch.stack(images), "caption": captions, "slot": slot, "state": state()}
+                yield self._batch(key, images, captions, slot, consumed, state())
                 images, captions = [], []
         if images and self.cfg.drop_last:  # training: every batch has batch_size samples
             counts["dropped_tail_samples"] += len(images)
         elif images:
-            yield {key: torch.stack(images), "caption": captions, "slot": slot, "state": state()}
+            yield self._batch(key, images, captions, slot, consumed, state())
         yield {"slot": slot, "state": state(), "end": True}
 
 
@@ -918,7 +929,7 @@ class StreamLoader:
                 self.slots[item["slot"]] = item["state"]
                 delivered += 1
                 empty_epochs = 0
-                yield {k: item[k] for k in ("image", "codes", "caption") if k in item}
+                yield {k: item[k] for k in ("image", "codes", "caption", "text") if k in item}
                 continue
             if item is not None:  # another rank ran dry first: this batch waits for the next epoch
                 self.past["dropped_at_epoch_end"] += len(item["caption"])

@@ -14,7 +14,7 @@ import torch
 from .config import DalleConfig
 from .dalle import pad_text
 
-__all__ = ["UNK_TOKEN", "encode_captions", "load_tokenizer", "train_tokenizer"]
+__all__ = ["UNK_TOKEN", "CaptionEncoder", "encode_captions", "load_tokenizer", "train_tokenizer"]
 
 UNK_TOKEN = "[UNK]"
 
@@ -99,6 +99,35 @@ def encode_captions(
             )
         ids = _bpe_encode(tokenizer, captions, bpe_dropout, rng)
     return pad_text(ids, config)
+
+
+class CaptionEncoder:
+    """Picklable ``captions, key -> (B, text_len) ids`` for data workers (``DataConfig.caption_encoder``).
+
+    Holds the tokenizer as its JSON text and builds it once per process. With ``bpe_dropout > 0`` the
+    dropout decisions come from ``numpy.random.default_rng([seed, *key])``: a pure function of the
+    batch's key (epoch, worker slot, position in the slot's stream), which a resumed stream repeats.
+    """
+
+    def __init__(self, tokenizer, config: DalleConfig, bpe_dropout: float = 0.0, seed: int = 0):
+        self.tokenizer_json = tokenizer.to_str()
+        self.config, self.bpe_dropout, self.seed = config, float(bpe_dropout), int(seed)
+        self._tokenizer = tokenizer
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_tokenizer"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tokenizer = None
+
+    def __call__(self, captions: Sequence[str], key: Sequence[int]) -> torch.Tensor:
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        rng = np.random.default_rng([self.seed, *key]) if self.bpe_dropout > 0 else None
+        return encode_captions(self._tokenizer, captions, self.config, bpe_dropout=self.bpe_dropout, rng=rng)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -180,6 +180,7 @@ class Trainer(abc.ABC):
                 shuffle_buffer=args.shuffle_buffer,
                 seed=args.seed,
                 english_only=args.english_only,
+                caption_encoder=self.caption_encoder(),
             )
             self.stream = StreamLoader(cfg, self.micro, self.rank, self.world, args.data_workers)
         self._perm: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation), built lazily
@@ -226,6 +227,10 @@ class Trainer(abc.ABC):
 
     def on_engine(self) -> None:
         """Called once the engine exists (its device and dtype are known)."""
+
+    def caption_encoder(self):
+        """What a stream's data workers tokenize captions with (None: the trainer does not need ids)."""
+        return None
 
     def after_step(self) -> None:
         """Called after every optimizer step."""
@@ -668,6 +673,15 @@ class DalleTrainer(Trainer):
     def on_engine(self) -> None:
         self.dvae.to(device=self.engine.device, dtype=torch.float32)
 
+    def caption_encoder(self):
+        from .text import CaptionEncoder
+
+        # Stream batches are tokenized in the data workers, dropout seeded by (seed, rank, the batch's
+        # place in its worker's stream); resumed streams repeat both.
+        return CaptionEncoder(
+            self.tokenizer, self.config, self.args.bpe_dropout, seed=self.args.seed * 65_537 + self.rank
+        )
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels -> (B, grid, grid) codes with the frozen fp32 dVAE (whatever the engine's
         dtype); codes precomputed by scripts/encode_images.py skip this."""
@@ -768,11 +782,12 @@ class DalleTrainer(Trainer):
     def compute_loss(self, batch):
         from .text import encode_captions
 
-        dropout = self.args.bpe_dropout
-        # Dropout decisions are a pure function of (seed, rank, micro step): a resumed run draws
-        # exactly what the uninterrupted one drew.
-        rng = np.random.default_rng([self.args.seed, self.rank, self.micro_step]) if dropout > 0 else None
-        text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
+        if "text" in batch:  # a stream's batch, tokenized by its data worker
+            text = batch["text"]
+        else:  # dropout decisions a pure function of (seed, rank, micro step): resumed runs repeat them
+            dropout = self.args.bpe_dropout
+            rng = np.random.default_rng([self.args.seed, self.rank, self.micro_step]) if dropout > 0 else None
+            text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
         text = text.to(self.engine.device)
         codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
         out = self.engine(text, image_codes=codes)

@@ -10,8 +10,8 @@ in a temporary folder, then measures in this process, interleaved over `--rounds
   decode+crop  dalle_ds.data.read_image + crop_tensor on the same bytes: the per-image work with
                no streaming (draft/fast-DCT decoding, the crop's resampling to a uint8 tensor)
   pipeline     dalle_ds.data.StreamLoader, 0 workers (one core): read shards -> decode (draft
-               mode) -> filters -> paper crop -> tensors -> batches, plus BPE tokenization and
-               padding of the captions (dalle_ds.text.encode_captions)
+               mode) -> filters -> paper crop -> tensors -> batches, plus BPE tokenization (dropout
+               0.1) and padding of the captions (dalle_ds.text.CaptionEncoder, in the workers)
   pipeline xN  the same with N data-loader worker processes (N = 1 .. --max-workers)
 
 and prints images/s and each ratio to raw decode (median over rounds).
@@ -34,7 +34,7 @@ from PIL import Image
 from dalle_ds import get_preset
 from dalle_ds.data import DataConfig, StreamLoader, crop_tensor, read_image
 from dalle_ds.synthetic import write_tar
-from dalle_ds.text import encode_captions, train_tokenizer
+from dalle_ds.text import CaptionEncoder, train_tokenizer
 
 
 def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
@@ -83,7 +83,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(Path(tmp), jpegs, captions, args.shards)
-        cfg = DataConfig(tmp, image_size=args.image_size, shuffle_buffer=64)
+        # Captions tokenized (BPE dropout 0.1) where the trainer has it done: in the data workers.
+        encoder = CaptionEncoder(tokenizer, config, bpe_dropout=0.1)
+        cfg = DataConfig(tmp, image_size=args.image_size, shuffle_buffer=64, caption_encoder=encoder)
 
         startup: dict[str, list[float]] = {}
 
@@ -92,9 +94,8 @@ def main() -> None:
                 # Steady state: the clock starts at the first batch (opening the source and starting
                 # workers happens once per epoch, ~millions of images at scale; reported apart).
                 n, start, opened = 0, None, time.perf_counter()
-                for i, batch in enumerate(StreamLoader(cfg, args.batch_size, num_workers=workers, epochs=1)):
-                    rng = np.random.default_rng([0, i])  # as the trainer seeds it: (seed, rank, micro step)
-                    encode_captions(tokenizer, batch["caption"], config, bpe_dropout=0.1, rng=rng)
+                for batch in StreamLoader(cfg, args.batch_size, num_workers=workers, epochs=1):
+                    assert batch["text"].shape == (len(batch["caption"]), config.text_len)
                     if start is None:
                         start = time.perf_counter()
                         startup.setdefault(name, []).append(start - opened)

@@ -8,6 +8,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from test_data import first_epoch, png
 
@@ -242,3 +243,36 @@ def test_trainer_flag_english_only_reaches_the_stream(tmp_path, single_process_g
     seen = [c for step in range(2) for c in trainer.batch(step)["caption"]]
     assert set(seen) == {"a red circle at the top left"}
     assert trainer.stream.counters()["non_english"] >= 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_tokenize_with_dropout_that_a_resumed_stream_repeats(tmp_path, workers):
+    """``caption_encoder``: batches carry ``text`` made in the data workers; BPE dropout is seeded by
+    the batch's place in its worker's stream, so a resumed stream gets the same ids."""
+    import pickle
+
+    from dalle_ds import get_preset
+    from dalle_ds.text import CaptionEncoder, encode_captions, train_tokenizer
+
+    where = write_big_shards(tmp_path / "d", [6, 7, 5, 8])
+    config = get_preset("dalle-tiny")
+    tokenizer = train_tokenizer(list(where), 200)
+    encoder = pickle.loads(pickle.dumps(CaptionEncoder(tokenizer, config, bpe_dropout=0.5, seed=3)))
+    cfg = DataConfig(str(tmp_path / "d"), image_size=16, shuffle_buffer=3, caption_encoder=encoder)
+
+    def texts(loader, n=None):
+        return [(b["caption"], b["text"]) for _, b in zip(range(n or 10_000), loader, strict=False)]
+
+    whole = texts(StreamLoader(cfg, batch_size=2, num_workers=workers, epochs=1))
+    assert all(t.shape == (2, config.text_len) for _, t in whole)
+    plain = [encode_captions(tokenizer, c, config) for c, _ in whole]
+    assert any(not torch.equal(t, p) for (_, t), p in zip(whole, plain, strict=True))  # dropout is on
+    again = texts(StreamLoader(cfg, batch_size=2, num_workers=workers, epochs=1))
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(whole, again, strict=True))
+    head_loader = StreamLoader(cfg, batch_size=2, num_workers=workers, epochs=1)
+    head = texts(head_loader, 5)
+    resumed = StreamLoader(cfg, batch_size=2, num_workers=workers, epochs=1)
+    resumed.load_state_dict(json.loads(json.dumps(head_loader.state_dict())))
+    got = head + texts(resumed)
+    assert len(got) == len(whole)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(got, whole, strict=True))

@@ -365,15 +365,22 @@ def _tar_caption(data: bytes, ext: str) -> str:
     return caption
 
 
+def _open_shard(path: str, io_counts: Counter) -> _CountingFile | None:
+    """The shard's file, counting the bytes read from it; None (with a warning) if it cannot be opened."""
+    try:
+        return _CountingFile(path, io_counts)
+    except OSError as err:
+        warnings.warn(f"skipping data shard {path}: {err!r}", stacklevel=3)
+        return None
+
+
 def _tar_items(path: str, io_counts: Counter, read: Callable[[int], bool], cfg: DataConfig) -> Iterator[_Item]:
     """The examples of one tar shard in order, index 0, 1, ...; members of examples for which
     ``read(index)`` is false are skipped without reading them (``tarfile`` seeks over them). A shard
     that cannot be opened yields one ``bad_shards`` item; one cut short yields what precedes the cut
     and then one ``truncated_shards`` item. The sequence depends on the tar headers only."""
-    try:
-        f = _CountingFile(path, io_counts)
-    except OSError as err:
-        warnings.warn(f"skipping data shard {path}: {err!r}", stacklevel=2)
+    f = _open_shard(path, io_counts)
+    if f is None:
         yield _Item(0, "bad_shards")
         return
     with f:
@@ -435,10 +442,8 @@ def _parquet_items(path: str, io_counts: Counter, listing: bool, cfg: DataConfig
     time."""
     import pyarrow.parquet as pq
 
-    try:
-        f = _CountingFile(path, io_counts)
-    except OSError as err:
-        warnings.warn(f"skipping data shard {path}: {err!r}", stacklevel=2)
+    f = _open_shard(path, io_counts)
+    if f is None:
         yield _Item(0, "bad_shards")
         return
     with f:

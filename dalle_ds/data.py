@@ -778,7 +778,9 @@ class _WorkerStream(torch.utils.data.IterableDataset):
     def _batch(self, key: str, images: list, captions: list[str], slot: int, consumed: int, state: dict) -> dict:
         batch = {key: torch.stack(images), "caption": captions, "slot": slot, "state": state}
         if self.cfg.caption_encoder is not None:  # tokenized here, in the worker, not on the training loop
-            batch["text"] = self.cfg.caption_encoder(captions, (self.epoch, slot, consumed))
+            # As a numpy array: pickled inline with the batch (a few KiB), not one more shared-memory
+            # handle for the main process to receive.
+            batch["text"] = self.cfg.caption_encoder(captions, (self.epoch, slot, consumed)).numpy()
         return batch
 
     def __iter__(self):
@@ -824,6 +826,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         elif images:
             yield self._batch(key, images, captions, slot, consumed, state())
         yield {"slot": slot, "state": state(), "end": True}
+
+
+def _as_made(batch: dict) -> dict:
+    """The DataLoader's collate step: batches leave the workers as they are made (its default would
+    turn numpy arrays into tensors, each one more shared-memory handle to pass)."""
+    return batch
 
 
 class StreamLoader:
@@ -891,7 +899,7 @@ class StreamLoader:
             self.cfg, self.batch_size, self.rank, self.world, self.num_workers, self.epoch, dict(self.slots)
         )
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False
+            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False, collate_fn=_as_made
         )
         if self.turn is None:
             workers = max(self.num_workers, 1)
@@ -934,7 +942,10 @@ class StreamLoader:
                 self.slots[item["slot"]] = item["state"]
                 delivered += 1
                 empty_epochs = 0
-                yield {k: item[k] for k in ("image", "codes", "caption", "text") if k in item}
+                out = {k: item[k] for k in ("image", "codes", "caption") if k in item}
+                if "text" in item:
+                    out["text"] = torch.from_numpy(item["text"])
+                yield out
                 continue
             if item is not None:  # another rank ran dry first: this batch waits for the next epoch
                 self.past["dropped_at_epoch_end"] += len(item["caption"])

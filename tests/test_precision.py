@@ -156,7 +156,13 @@ def test_dvae_in_16_bits_keeps_losses_and_codebook_in_fp32():
 
 
 def _optimizer_state(path):
-    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    """A ZeRO-2 optimizer shard, unpickled with only the three DeepSpeed classes it holds allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        state = torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
     return state["single_partition_of_fp32_groups"], state["base_optimizer_state"]["state"]
 
 
@@ -179,7 +185,7 @@ def test_fp16_overflow_skips_the_step_lowers_the_scale_and_leaves_the_state_unto
         for key in s2:
             assert all(torch.equal(s2[key][k], s3[key][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
         assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))  # the next step applies
-    modules = [torch.load(ckpts / f"step0000000{k}" / "mp_rank_00_model_states.pt", weights_only=False) for k in (2, 3)]
+    modules = [torch.load(ckpts / f"step0000000{k}" / "mp_rank_00_model_states.pt", weights_only=True) for k in (2, 3)]
     assert all(torch.equal(modules[0]["module"][k], modules[1]["module"][k]) for k in modules[0]["module"])
 
 

@@ -12,7 +12,6 @@ Rows are relative to ZeRO-0 without checkpointing, run in the same invocation.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,14 +21,9 @@ from pathlib import Path
 import torch
 
 from dalle_ds import DiscreteVAE, DVAEConfig, load_config, save_model
+from dalle_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(tmp: Path, name: str, stage: int, ckpt: bool, args, dvae: Path) -> tuple[float, float]:

@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dalle_ds.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,12 +256,6 @@ def tail(path: Path, chars: int = 2500) -> str:
     except OSError:
         return ""
     return text[-chars:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slug(name: str) -> str:

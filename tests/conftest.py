@@ -1,9 +1,10 @@
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+
+from dalle_ds.distributed import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The suite runs on DeepSpeed's CPU accelerator everywhere, also on a machine with GPUs (launched
@@ -21,12 +22,6 @@ def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     # DeepSpeed JIT-builds ops into this cache: keep it inside the checkout (CI starts fresh).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

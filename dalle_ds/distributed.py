@@ -77,8 +77,6 @@ def init_distributed(dist_backend: str | None = None, **kwargs) -> None:
     backend = dist_backend or os.environ.get("DALLE_DS_DIST_BACKEND")
     if backend is None:
         backend = backend_for(acc.device_name(), acc.communication_backend_name())
-    if acc.device_name() != "cpu" and "LOCAL_RANK" in os.environ:
-        acc.set_device(int(os.environ["LOCAL_RANK"]))  # object collectives and NCCL need it set
     # `deepspeed.comm.torch` as an attribute is the torch package; the submodule needs importlib.
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     build = ds_torch_comm.build_shm_op
@@ -87,24 +85,16 @@ def init_distributed(dist_backend: str | None = None, **kwargs) -> None:
         deepspeed.init_distributed(dist_backend=backend, **kwargs)
     finally:
         ds_torch_comm.build_shm_op = build
-    if acc.device_name() != "cpu" and "LOCAL_RANK" in os.environ:  # MPI discovery sets it only now
-        acc.set_device(int(os.environ["LOCAL_RANK"]))
+    if acc.device_name() != "cpu" and "LOCAL_RANK" in os.environ:  # (MPI discovery sets it during init)
+        acc.set_device(int(os.environ["LOCAL_RANK"]))  # object collectives and NCCL need it set
     _HOST_GROUP = None
     if "cpu" not in _device_types(None):
         _HOST_GROUP = dist.new_group(backend="gloo")  # every rank, same order: right after init
 
 
 def _device_types(group) -> set[str]:
-    """Device types the group's backends accept ({"cpu"}, {"cuda", "cpu"}, ...)."""
-    config = dist.get_backend_config(group)
-    types = set()
-    for part in config.split(","):
-        device, _, backend = part.partition(":")
-        if backend:
-            types.add(device.strip())
-        else:  # a single backend for every device: gloo takes CPU (and CUDA) tensors, nccl CUDA only
-            types.update({"cpu", "cuda"} if device.strip() == "gloo" else {"cuda"} if device.strip() == "nccl" else {})
-    return types
+    """Device types the group's backends accept: torch reports ``"cpu:gloo,cuda:nccl"``-style pairs."""
+    return {part.split(":")[0].strip() for part in dist.get_backend_config(group).split(",")}
 
 
 def is_initialized() -> bool:

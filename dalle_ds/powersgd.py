@@ -139,6 +139,7 @@ class PowerSGD:
         self._pending_errors: dict[Any, torch.Tensor] = {}
         self._pending_qs: dict[Any, torch.Tensor] = {}
         self._finite: torch.Tensor | None = None  # on the device: no host sync until step()
+        self._scale = 1.0  # the loss scale of the gradients being reduced (reduce's ``scale``)
         self.iter = 0
         self.skipped = 0  # steps the engine skipped (fp16 overflow): nothing of them was kept
         self.bytes_sent = 0
@@ -255,7 +256,7 @@ class PowerSGD:
         cfg = self.config
         wire = _DTYPES[cfg.dtype]
         world = dd.world_size(self.group)
-        scale = getattr(self, "_scale", 1.0)
+        scale = self._scale
         by_shape: dict[tuple, list[tuple[Any, torch.Tensor]]] = defaultdict(list)
         for key, g in matrices:
             by_shape[(g.shape[0], g[0].numel())].append((key, g))

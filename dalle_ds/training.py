@@ -685,7 +685,7 @@ class DalleTrainer(Trainer):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels -> (B, grid, grid) codes with the frozen fp32 dVAE (whatever the engine's
         dtype); codes precomputed by scripts/encode_images.py skip this."""
-        return self.dvae.encode(images.float())
+        return self.dvae.encode(images)
 
     def _tokenizer(self):
         from .text import load_tokenizer, train_tokenizer

@@ -1,11 +1,11 @@
 """dalle-ds: train DALL-E-style text-to-image models with DeepSpeed."""
 
-from .attention import SparseAttention, block_attention, dense_attention, sparse_attention
-from .config import PRESETS, ConfigError, DalleConfig, DVAEConfig, get_preset, load_config, save_config
-from .dalle import DALLE, DalleOutput, pad_text
-from .dvae import Decoder, DiscreteVAE, Encoder, map_pixels, unmap_pixels
-from .masks import attention_mask, layer_schedule
-from .serialization import load_dvae, load_model, save_model
+from .inference.serialization import load_dvae, load_model, save_model
+from .models.attention import SparseAttention, block_attention, dense_attention, sparse_attention
+from .models.config import PRESETS, ConfigError, DalleConfig, DVAEConfig, get_preset, load_config, save_config
+from .models.dalle import DALLE, DalleOutput, pad_text
+from .models.dvae import Decoder, DiscreteVAE, Encoder, map_pixels, unmap_pixels
+from .models.masks import attention_mask, layer_schedule
 
 __version__ = "0.1.0"
 

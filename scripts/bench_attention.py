@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ds import layer_schedule
-from dalle_ds.attention import block_attention, dense_attention
+from dalle_ds.models.attention import block_attention, dense_attention
 
 
 def make_fn(impl: str, kind: str, args):

@@ -11,7 +11,7 @@ in a temporary folder, then measures in this process, interleaved over `--rounds
                no streaming (draft/fast-DCT decoding, the crop's resampling to a uint8 tensor)
   pipeline     dalle_ds.data.StreamLoader, 0 workers (one core): read shards -> decode (draft
                mode) -> filters -> paper crop -> tensors -> batches, plus BPE tokenization (dropout
-               0.1) and padding of the captions (dalle_ds.text.CaptionEncoder, in the workers)
+               0.1) and padding of the captions (dalle_ds.data.text.CaptionEncoder, in the workers)
   pipeline xN  the same with N data-loader worker processes (N = 1 .. --max-workers)
 
 and prints images/s and each ratio to raw decode (median over rounds).
@@ -32,9 +32,9 @@ import torch
 from PIL import Image
 
 from dalle_ds import get_preset
-from dalle_ds.data import DataConfig, StreamLoader, crop_tensor, read_image
-from dalle_ds.synthetic import write_tar
-from dalle_ds.text import CaptionEncoder, train_tokenizer
+from dalle_ds.data.stream import DataConfig, StreamLoader, crop_tensor, read_image
+from dalle_ds.data.synthetic import write_tar
+from dalle_ds.data.text import CaptionEncoder, train_tokenizer
 
 
 def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from dalle_ds import get_preset
-from dalle_ds.dalle import Block
-from dalle_ds.powersgd import PowerSGD, PowerSGDConfig
+from dalle_ds.distributed.powersgd import PowerSGD, PowerSGDConfig
+from dalle_ds.models.dalle import Block
 
 
 def median_ms(fn, rounds: int) -> float:

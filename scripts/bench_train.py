@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dalle_ds import DiscreteVAE, DVAEConfig, load_config, save_model
-from dalle_ds.distributed import free_port
+from dalle_ds.distributed.collectives import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

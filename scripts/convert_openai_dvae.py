@@ -3,14 +3,14 @@
 
     python scripts/convert_openai_dvae.py --encoder encoder.pkl --decoder decoder.pkl --out dvae-openai/
 
-The pickles are opened without running code from them (see dalle_ds.serialization).
+The pickles are opened without running code from them (see dalle_ds.inference.serialization).
 The result loads with ``dalle_ds.load_dvae(out)``.
 """
 
 import argparse
 import sys
 
-from dalle_ds.serialization import UnsafeCheckpointError, convert_openai_dvae
+from dalle_ds.inference.serialization import UnsafeCheckpointError, convert_openai_dvae
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from dalle_ds.distributed import free_port
+from dalle_ds.distributed.collectives import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,10 +106,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dalle_ds.evaluation import caption_accuracy, dvae_metrics
-    from dalle_ds.generation import load_pipeline
-    from dalle_ds.images import save_grid
-    from dalle_ds.synthetic import SyntheticShapes, caption_of, holdout_combos
+    from dalle_ds.data.synthetic import SyntheticShapes, caption_of, holdout_combos
+    from dalle_ds.inference.evaluation import caption_accuracy, dvae_metrics
+    from dalle_ds.inference.generation import load_pipeline
+    from dalle_ds.utils.images import save_grid
 
     held = holdout_combos(args.holdout)
     preview = SyntheticShapes(32, 36, seed=args.seed, exclude=held)

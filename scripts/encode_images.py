@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dalle_ds.data import DataConfig, StreamLoader
-from dalle_ds.serialization import load_dvae
+from dalle_ds.data.stream import DataConfig, StreamLoader
+from dalle_ds.inference.serialization import load_dvae
 
 
 def write_parquet(rows: dict, path: Path) -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     dvae = load_dvae(args.dvae).to(args.device).eval()
     tokenizer = None
     if args.tokenizer:
-        from dalle_ds.text import load_tokenizer
+        from dalle_ds.data.text import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
     cfg = DataConfig(

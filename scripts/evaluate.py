@@ -39,10 +39,10 @@ def main() -> None:
     if not (args.checkpoint or args.dvae):
         p.error("give --checkpoint and/or --dvae")
 
-    from dalle_ds.evaluation import caption_accuracy, dvae_metrics, validation_loss
-    from dalle_ds.generation import clip_scores, load_pipeline
-    from dalle_ds.serialization import load_dvae
-    from dalle_ds.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
+    from dalle_ds.data.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
+    from dalle_ds.inference.evaluation import caption_accuracy, dvae_metrics, validation_loss
+    from dalle_ds.inference.generation import clip_scores, load_pipeline
+    from dalle_ds.inference.serialization import load_dvae
 
     model = tokenizer = None
     if args.checkpoint:
@@ -59,7 +59,7 @@ def main() -> None:
                 items = [data[i] for i in range(start, min(start + args.batch_size, args.num))]
                 yield {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
         else:
-            from dalle_ds.data import DataConfig, StreamLoader
+            from dalle_ds.data.stream import DataConfig, StreamLoader
 
             cfg = DataConfig(args.data, image_size=size, augment=False, shuffle_buffer=1, drop_last=False)
             loader = StreamLoader(cfg, args.batch_size, epochs=1)

@@ -7,7 +7,7 @@ python scripts/export_checkpoint.py --checkpoint-dir runs/dalle/checkpoints --ou
 import argparse
 import sys
 
-from dalle_ds.checkpoint import export_checkpoint
+from dalle_ds.training.checkpointing import export_checkpoint
 
 
 def main(argv=None) -> int:

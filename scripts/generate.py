@@ -36,8 +36,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
-    from dalle_ds.generation import load_pipeline, rerank, sample_images
-    from dalle_ds.images import save_grid
+    from dalle_ds.inference.generation import load_pipeline, rerank, sample_images
+    from dalle_ds.utils.images import save_grid
 
     model, tokenizer = load_pipeline(args.checkpoint, map_location=args.device)
     prime = None
@@ -45,7 +45,7 @@ def main() -> None:
         import numpy as np
         from PIL import Image
 
-        from dalle_ds.data import paper_crop, to_rgb
+        from dalle_ds.data.stream import paper_crop, to_rgb
 
         size = model.dvae.config.image_size
         img = paper_crop(to_rgb(Image.open(args.prime_image)), size, None)

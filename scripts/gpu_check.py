@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dalle_ds.distributed import free_port
+from dalle_ds.distributed.collectives import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,7 +305,7 @@ def worker_train(ctx: Ctx, p: dict) -> tuple[str, dict]:
     import torch
 
     from dalle_ds import DiscreteVAE, get_preset, load_model, save_model
-    from dalle_ds.generation import load_pipeline
+    from dalle_ds.inference.generation import load_pipeline
 
     trainer, config, preset = p["trainer"], p["config"], p["preset"]
     out = ctx.work / "runs" / f"{trainer}_{config}"
@@ -535,7 +535,7 @@ def worker_kvcache(ctx: Ctx, p: dict) -> tuple[str, dict]:
     import torch.nn.functional as F
 
     from dalle_ds import DALLE, get_preset
-    from dalle_ds.attention import KVCache
+    from dalle_ds.models.attention import KVCache
 
     _strict_fp32()
     device = torch.device(ctx.device)

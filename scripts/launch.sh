@@ -22,7 +22,7 @@ fi
 hostfile=$1 config=$2 script=$3
 shift 3
 
-python -m dalle_ds.cluster "$hostfile" --deepspeed_config "$config" \
+python -m dalle_ds.distributed.cluster "$hostfile" --deepspeed_config "$config" \
     ${INCLUDE:+--include "$INCLUDE"} ${EXCLUDE:+--exclude "$EXCLUDE"} -- "$@"
 
 # DeepSpeed exports the NAME=VALUE lines of its env file to every node. Ours lives in a temporary

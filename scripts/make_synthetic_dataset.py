@@ -10,7 +10,7 @@ same ones the trainers' ``--holdout`` removes), for zero-shot evaluation.
 
 import argparse
 
-from dalle_ds.synthetic import holdout_combos, write_webdataset
+from dalle_ds.data.synthetic import holdout_combos, write_webdataset
 
 
 def main() -> None:

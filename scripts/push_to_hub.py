@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dalle_ds.hub import upload_plan
+from dalle_ds.inference.hub import upload_plan
 
 
 def main() -> int:

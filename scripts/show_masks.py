@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_ds import attention_mask
-from dalle_ds.masks import ATTENTION_KINDS
+from dalle_ds.models.masks import ATTENTION_KINDS
 
 
 def render(mask: np.ndarray, text_len: int, scale: int) -> Image.Image:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_ds.distributed import free_port  # noqa: F401  (tests import it from here)
+from dalle_ds.distributed.collectives import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The suite runs on DeepSpeed's CPU accelerator everywhere, also on a machine with GPUs (launched
@@ -29,7 +29,7 @@ def single_process_group():
     """A 1-rank gloo process group in this process, for in-process DeepSpeed engines."""
     import torch.distributed as dist
 
-    from dalle_ds.engine import init_distributed
+    from dalle_ds.distributed.ds_adapter import init_distributed
 
     if not dist.is_initialized():
         os.environ.update(

@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from dalle_ds.cluster import HostfileError, check_launch, parse_hostfile, select_slots
-from dalle_ds.engine import DeepSpeedConfigError
+from dalle_ds.distributed.cluster import HostfileError, check_launch, parse_hostfile, select_slots
+from dalle_ds.distributed.ds_adapter import DeepSpeedConfigError
 
 
 def write(tmp_path, text):
@@ -59,7 +59,7 @@ def test_world_size_is_checked_against_the_batch_sizes(tmp_path):
     summary = check_launch(hosts, config, ["--preset", "x", "--micro-batch-size", "2", "--grad-accum", "3"])
     assert summary["train_batch_size"] == 2 * 3 * 16
     proc = subprocess.run(
-        [sys.executable, "-m", "dalle_ds.cluster", str(write(tmp_path, "w0 slots=2\nw0 slots=2\n"))]
+        [sys.executable, "-m", "dalle_ds.distributed.cluster", str(write(tmp_path, "w0 slots=2\nw0 slots=2\n"))]
         + ["--deepspeed_config", str(config)],
         capture_output=True,
         text=True,

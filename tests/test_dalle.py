@@ -171,7 +171,7 @@ def test_sampling_with_the_kv_cache_equals_sampling_without_it(kw):
 
 
 def test_cached_step_logits_match_the_full_forward():
-    from dalle_ds.attention import KVCache
+    from dalle_ds.models.attention import KVCache
 
     config, model, text = _sampling_model()
     codes = torch.randint(0, config.image_vocab_size, (3, config.image_len))
@@ -188,7 +188,7 @@ def test_cached_step_logits_match_the_full_forward():
 
 
 def test_top_k_and_top_p_restrict_the_support_as_specified():
-    from dalle_ds.dalle import filter_logits
+    from dalle_ds.models.dalle import filter_logits
 
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]]))
     kept = torch.isfinite(filter_logits(logits, top_k=2))

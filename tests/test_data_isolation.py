@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from test_data import first_epoch, png
 
-from dalle_ds.data import DataConfig, StreamLoader, iter_captions
-from dalle_ds.synthetic import write_tar
+from dalle_ds.data.stream import DataConfig, StreamLoader, iter_captions
+from dalle_ds.data.synthetic import write_tar
 
 
 def image(fmt="PNG", size=(24, 24), colour=(30, 160, 30)) -> bytes:
@@ -230,7 +230,7 @@ def test_trainer_flag_english_only_reaches_the_stream(tmp_path, single_process_g
     """``--english-only`` on the trainer's command line filters its stream (and its tokenizer's captions)."""
     from launching import shipped_config, train_args
 
-    from dalle_ds.training import DalleTrainer, dalle_arg_parser
+    from dalle_ds.training.trainer import DalleTrainer, dalle_arg_parser
 
     captions = ["a red circle at the top left", "ein roter Kreis oben links"] * 4
     (tmp_path / "s").mkdir()
@@ -252,7 +252,7 @@ def test_workers_tokenize_with_dropout_that_a_resumed_stream_repeats(tmp_path, w
     import pickle
 
     from dalle_ds import get_preset
-    from dalle_ds.text import CaptionEncoder, encode_captions, train_tokenizer
+    from dalle_ds.data.text import CaptionEncoder, encode_captions, train_tokenizer
 
     where = write_big_shards(tmp_path / "d", [6, 7, 5, 8])
     config = get_preset("dalle-tiny")

@@ -1,4 +1,4 @@
-"""dalle_ds.distributed: the one module that issues collectives, with device-correct groups.
+"""dalle_ds.distributed.collectives: the one module that issues collectives, with device-correct groups.
 
 The launcher test records every torch.distributed call that dalle_ds code makes during real
 2-rank training runs (tests/launch_env/collective_recorder.py) and checks each against the rules a
@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 from launching import launch, train_args
 
-from dalle_ds import distributed as dd
+from dalle_ds.distributed import collectives as dd
 
 DEVICE_FUNCTIONS = {"all_reduce", "broadcast", "reduce_scatter", "all_gather_into", "new_group"}
 HOST_FUNCTIONS = {"host_all_reduce", "all_gather_object", "barrier", "destroy"}
@@ -85,7 +85,7 @@ def _records(folder: Path) -> list[dict]:
 
 
 def test_every_collective_of_a_training_run_goes_through_one_module_on_the_right_device(workdir, dvae_dir):
-    from dalle_ds.synthetic import write_webdataset
+    from dalle_ds.data.synthetic import write_webdataset
 
     shards = workdir / "dist_shards"
     write_webdataset(shards, 48, shards=2, image_size=32, seed=3)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ds import DiscreteVAE, DVAEConfig, get_preset, map_pixels, unmap_pixels
-from dalle_ds.dvae import VectorQuantizer, kl_to_uniform, logit_laplace_nll
+from dalle_ds.models.dvae import VectorQuantizer, kl_to_uniform, logit_laplace_nll
 
 
 def test_map_unmap_round_trip_and_range():
@@ -151,7 +151,7 @@ def _vq_worker(rank: int, world: int, port: int, out: dict):
 
     import torch.distributed as dist
 
-    from dalle_ds.engine import TorchCollectives
+    from dalle_ds.distributed.ds_adapter import TorchCollectives
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -188,7 +188,7 @@ def test_vq_codebook_stays_identical_across_ranks_and_equals_the_pooled_update()
 
 
 def test_vq_dvae_codes_decode_and_survive_save_and_load(tmp_path):
-    from dalle_ds.serialization import load_dvae, save_model
+    from dalle_ds.inference.serialization import load_dvae, save_model
 
     torch.manual_seed(0)
     cfg = get_preset("dvae-demo")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle_ds import DALLE, DalleConfig
-from dalle_ds.engine import (
+from dalle_ds.distributed.ds_adapter import (
     DeepSpeedConfigError,
     apply_activation_checkpointing,
     backward,

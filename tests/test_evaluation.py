@@ -9,10 +9,10 @@ import torch
 from conftest import ROOT
 
 from dalle_ds import DALLE, DiscreteVAE, get_preset
-from dalle_ds.evaluation import attribute_accuracy, caption_accuracy, dvae_metrics, validation_loss
-from dalle_ds.generation import save_pipeline
-from dalle_ds.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
-from dalle_ds.text import encode_captions, train_tokenizer
+from dalle_ds.data.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
+from dalle_ds.data.text import encode_captions, train_tokenizer
+from dalle_ds.inference.evaluation import attribute_accuracy, caption_accuracy, dvae_metrics, validation_loss
+from dalle_ds.inference.generation import save_pipeline
 
 
 def test_dvae_metrics_match_a_direct_computation():
@@ -47,7 +47,7 @@ def test_validation_loss_and_caption_accuracy_plumbing(tmp_path):
     model, dvae = DALLE(config).eval(), DiscreteVAE(get_preset("dvae-tiny")).eval()
     train_tokenizer([caption_of(c) for c in ALL_COMBOS], 64, tmp_path / "tok.json")
     folder = save_pipeline(tmp_path / "final", model, tmp_path / "tok.json", dvae)
-    from dalle_ds.generation import load_pipeline
+    from dalle_ds.inference.generation import load_pipeline
 
     model, tokenizer = load_pipeline(folder)
     data = SyntheticShapes(6, 32, seed=2)

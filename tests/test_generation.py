@@ -10,9 +10,9 @@ from conftest import ROOT
 from PIL import Image
 
 from dalle_ds import DALLE, DiscreteVAE, get_preset
-from dalle_ds.generation import clip_scores, load_pipeline, rerank, sample_images, save_pipeline
-from dalle_ds.synthetic import ALL_COMBOS, caption_of
-from dalle_ds.text import train_tokenizer
+from dalle_ds.data.synthetic import ALL_COMBOS, caption_of
+from dalle_ds.data.text import train_tokenizer
+from dalle_ds.inference.generation import clip_scores, load_pipeline, rerank, sample_images, save_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 from conftest import ROOT
 
 from dalle_ds import DALLE, DiscreteVAE, get_preset
-from dalle_ds.generation import save_pipeline
-from dalle_ds.hub import from_pretrained, write_model_card
-from dalle_ds.synthetic import ALL_COMBOS, caption_of
-from dalle_ds.text import encode_captions, train_tokenizer
+from dalle_ds.data.synthetic import ALL_COMBOS, caption_of
+from dalle_ds.data.text import encode_captions, train_tokenizer
+from dalle_ds.inference.generation import save_pipeline
+from dalle_ds.inference.hub import from_pretrained, write_model_card
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dalle_ds import attention_mask, layer_schedule
-from dalle_ds.masks import image_mask
+from dalle_ds.models.masks import image_mask
 
 
 def visible_image_keys(mask, text_len, image_pos_1based):

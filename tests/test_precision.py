@@ -21,8 +21,8 @@ from launching import (
 )
 
 from dalle_ds import DiscreteVAE, get_preset, load_model
-from dalle_ds.generation import load_pipeline
-from dalle_ds.serialization import load_dvae
+from dalle_ds.inference.generation import load_pipeline
+from dalle_ds.inference.serialization import load_dvae
 
 # name -> (trainer, shipped config, changes to it)
 MATRIX = {
@@ -115,7 +115,7 @@ def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
 def test_dalle_trainer_encodes_images_in_fp32_whatever_the_engine_dtype(
     precision, single_process_group, fp16_on_cpu, tmp_path, dvae_dir
 ):
-    from dalle_ds.training import DalleTrainer, dalle_arg_parser
+    from dalle_ds.training.trainer import DalleTrainer, dalle_arg_parser
 
     cfg = shipped_config(tmp_path, f"zero2_{precision}")
     args = dalle_arg_parser().parse_args([str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg)])
@@ -224,7 +224,7 @@ def test_rng_state_round_trip_covers_every_generator_a_step_draws_from():
 
     import numpy as np
 
-    from dalle_ds.training import _rng_state, _set_rng_state
+    from dalle_ds.training.trainer import _rng_state, _set_rng_state
 
     state = _rng_state()
     saved = torch.load(io.BytesIO(_save(state)), weights_only=True)  # as checkpoints store it

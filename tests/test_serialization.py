@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dalle_ds
 from dalle_ds import DALLE, DalleConfig, DiscreteVAE, get_preset
-from dalle_ds.serialization import (
+from dalle_ds.inference.serialization import (
     UnsafeCheckpointError,
     load_dvae,
     load_model,

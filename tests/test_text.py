@@ -13,8 +13,8 @@ from conftest import ROOT
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from dalle_ds import get_preset
-from dalle_ds.dalle import pad_text
-from dalle_ds.text import UNK_TOKEN, _bpe_encode, _BpeTables, encode_captions, train_tokenizer
+from dalle_ds.data.text import UNK_TOKEN, _bpe_encode, _BpeTables, encode_captions, train_tokenizer
+from dalle_ds.models.dalle import pad_text
 
 COLOURS = ["red", "Green", "BLUE", "yellow", "purple", "orange", "crème", "naïve", "café", "Straße"]
 SHAPES = ["circle", "square", "triangle", "hexagon", "star", "façade"]
@@ -179,7 +179,7 @@ CHILD = """
 import dataclasses, json, sys
 import numpy as np
 from dalle_ds import get_preset
-from dalle_ds.text import encode_captions, load_tokenizer
+from dalle_ds.data.text import encode_captions, load_tokenizer
 config = dataclasses.replace(get_preset("dalle-tiny"), text_vocab_size=512, text_len=32)
 captions = json.loads(sys.argv[2])
 out = encode_captions(load_tokenizer(sys.argv[1]), captions, config, 0.1, np.random.default_rng([7, 1, 3]))

@@ -13,7 +13,7 @@ from conftest import ROOT, free_port
 from launching import STEPS, crash_and_resume, ds_config, launch, losses, train_args
 
 from dalle_ds import load_model
-from dalle_ds.generation import load_pipeline
+from dalle_ds.inference.generation import load_pipeline
 
 RUNS = {
     "zero0": dict(stage=0),
@@ -109,7 +109,7 @@ def test_bad_batch_config_fails_before_training_with_the_keys_named(workdir, dva
 
 @pytest.fixture(scope="session")
 def shards(workdir):
-    from dalle_ds.synthetic import write_webdataset
+    from dalle_ds.data.synthetic import write_webdataset
 
     write_webdataset(workdir / "shards", 96, shards=4, image_size=32, seed=1)
     return workdir / "shards"

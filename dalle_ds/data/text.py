@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DalleConfig
-from .dalle import pad_text
+from ..models.config import DalleConfig
+from ..models.dalle import pad_text
 
 __all__ = ["UNK_TOKEN", "CaptionEncoder", "encode_captions", "load_tokenizer", "train_tokenizer"]
 

@@ -16,7 +16,7 @@ of width ``W``:
   ``c' <= c``. It is used in the last layer only.
 
 These functions build ``n x n`` tensors: they are the reference and the drawing
-source, not the training path (see :mod:`dalle_ds.attention`).
+source, not the training path (see :mod:`dalle_ds.models.attention`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .synthetic import Combo, caption_of, read_attributes
+from ..data.synthetic import Combo, caption_of, read_attributes
 
 __all__ = ["attribute_accuracy", "caption_accuracy", "dvae_metrics", "validation_loss"]
 
@@ -42,7 +42,7 @@ def dvae_metrics(dvae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
 def validation_loss(model, tokenizer, batches: Iterable[dict]) -> dict[str, float]:
     """Mean loss, text loss and image loss (no BPE dropout) over batches of
     ``{"caption": [...], "image": (B, 3, H, W)}`` or ``{"caption", "codes"}``."""
-    from .text import encode_captions
+    from ..data.text import encode_captions
 
     totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
     was = model.training

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import distributed as dd
+from . import collectives as dd
 
 __all__ = [
     "COMM_HOOKS",
@@ -425,7 +425,7 @@ def attach_comm_hook(engine, hook) -> None:
         )
     if stage == 0:
         engine.enable_backward_allreduce = False
-        engine._dalle_ds_comm_hook = hook  # reduced by dalle_ds.engine.backward at accumulation boundaries
+        engine._dalle_ds_comm_hook = hook  # reduced in ds_adapter.backward at boundaries
         hook.skips_non_finite = engine.fp16_enabled()
         return
     opt = engine.optimizer
@@ -436,7 +436,7 @@ def attach_comm_hook(engine, hook) -> None:
         )
     if getattr(opt, "reduce_scatter", False):
         raise CommHookError("communication_hook with ZeRO 1/2 needs zero_optimization.reduce_scatter=false")
-    from .engine import loss_scale
+    from .ds_adapter import loss_scale
 
     def reduce_bucket(tensor: torch.Tensor, communication_data_type: torch.dtype):
         bucket = opt.ipg_buckets[communication_data_type]

@@ -1,6 +1,6 @@
 """DALL-E sparse attention: a dense reference and a block-sparse implementation.
 
-Both compute the same function (see :mod:`dalle_ds.masks` for the masks):
+Both compute the same function (see :mod:`dalle_ds.models.masks` for the masks):
 
 * ``dense``: one SDPA call with the full boolean ``n x n`` mask. Simple and
   obviously right; costs ``n**2`` scores.

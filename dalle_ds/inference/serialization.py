@@ -10,16 +10,15 @@ in the file can call a function or construct an arbitrary object.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, DalleConfig, DVAEConfig
-from .dalle import DALLE
-from .dvae import DiscreteVAE
+from ..models.config import ConfigError, DalleConfig, DVAEConfig
+from ..models.dalle import DALLE
+from ..models.dvae import DiscreteVAE
+from ..utils.files import atomic_path, atomic_write_text
 
 __all__ = [
     "CONFIG_NAME",
@@ -42,18 +41,6 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file needs code execution (or unknown classes) to load and was refused."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: DALLE | DiscreteVAE, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (fp32 kept as stored) into ``directory``."""
     directory = Path(directory)
@@ -61,9 +48,10 @@ def save_model(model: DALLE | DiscreteVAE, directory: str | Path) -> Path:
     state = {
         k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("dvae.")
     }  # an attached frozen dVAE is saved on its own
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
     config = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config))
+    atomic_write_text(directory / CONFIG_NAME, config)
     return directory
 
 

@@ -1,7 +1,7 @@
 """Hostfile checks before a multi-node launch: syntax, duplicate hosts, slots, and the world size
 against the DeepSpeed config's batch sizes, with errors that name the file and line.
 
-    python -m dalle_ds.cluster HOSTFILE --deepspeed_config ds_configs/zero2_bf16.json \\
+    python -m dalle_ds.distributed.cluster HOSTFILE --deepspeed_config ds_configs/zero2_bf16.json \\
         [--include worker-0@worker-1] [--exclude worker-1:0] [-- training args...]
 
 The training arguments after ``--`` (``--micro-batch-size``, ``--grad-accum``) are read the way
@@ -83,7 +83,7 @@ def select_slots(hosts: dict[str, int], include: str = "", exclude: str = "") ->
 
 def check_launch(hostfile, ds_config, train_args=(), include: str = "", exclude: str = "") -> dict:
     """Validate a launch; returns a summary (hosts, world size, resolved batch sizes)."""
-    from .engine import load_ds_config, prepare_ds_config
+    from .ds_adapter import load_ds_config, prepare_ds_config
 
     slots = select_slots(parse_hostfile(hostfile), include, exclude)
     world = sum(len(s) for s in slots.values())
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--include", default="")
     p.add_argument("--exclude", default="")
     args = p.parse_args(argv)
-    from .engine import DeepSpeedConfigError
+    from .ds_adapter import DeepSpeedConfigError
 
     try:
         summary = check_launch(args.hostfile, args.deepspeed_config, rest, args.include, args.exclude)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .dalle import DALLE
+from ..models.dalle import DALLE
 from .serialization import load_dvae, load_model, save_model
 
 __all__ = ["add_pipeline_parts", "clip_scores", "load_pipeline", "rerank", "sample_images", "save_pipeline"]
@@ -38,7 +38,7 @@ def add_pipeline_parts(directory, tokenizer_file, dvae) -> Path:
 
 def load_pipeline(directory, map_location="cpu"):
     """(DALLE with its dVAE attached, tokenizers.Tokenizer) from a pipeline folder."""
-    from .text import load_tokenizer
+    from ..data.text import load_tokenizer
 
     directory = Path(directory)
     model = load_model(directory, map_location)
@@ -67,7 +67,7 @@ def sample_images(
     ``prime``: (L,) codes of the top rows of an image, shared by every sample. ``sampling`` goes to
     :meth:`DALLE.generate` (top_k, top_p, temperature). Seeded: the same call gives the same images.
     """
-    from .text import encode_captions
+    from ..data.text import encode_captions
 
     if model.dvae is None:
         raise ValueError("sample_images needs the model's dVAE (load_pipeline attaches it)")
@@ -90,7 +90,7 @@ def clip_scores(images: torch.Tensor, caption: str, clip_model, image_processor,
 
     ``clip_model`` is a ``transformers.CLIPModel``; ``image_processor`` and ``tokenizer`` are the
     model's own (``CLIPProcessor.from_pretrained(path)`` has both)."""
-    from .images import to_pil
+    from ..utils.images import to_pil
 
     pil = [to_pil(img) for img in images]
     device = next(clip_model.parameters()).device

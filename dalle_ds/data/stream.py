@@ -151,7 +151,7 @@ class DataConfig:
     """Tokenize each batch's captions in the data workers: ``caption_encoder(captions, key)`` returns
     the batch's ``"text"`` ids; ``key`` = (epoch, slot, examples the slot had consumed) identifies the
     batch, so seeded BPE dropout gives a resumed run the ids of the uninterrupted one (see
-    :class:`dalle_ds.text.CaptionEncoder`). Must be picklable."""
+    :class:`dalle_ds.data.text.CaptionEncoder`). Must be picklable."""
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -926,7 +926,7 @@ class StreamLoader:
         return None
 
     def __iter__(self):
-        from . import distributed as dd
+        from ..distributed import collectives as dd
 
         joined = self.world > 1 and dd.is_initialized()
         empty_epochs = 0

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DalleConfig, DVAEConfig
-from .dalle import DALLE
-from .dvae import DiscreteVAE
-from .serialization import save_model
+from ..inference.serialization import save_model
+from ..models.config import ConfigError, DalleConfig, DVAEConfig
+from ..models.dalle import DALLE
+from ..models.dvae import DiscreteVAE
 
 __all__ = ["COMPLETE", "export_checkpoint", "latest_complete_tag"]
 

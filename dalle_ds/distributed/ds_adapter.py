@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .distributed import TorchCollectives, init_distributed  # noqa: F401  (re-exported)
+from .collectives import TorchCollectives, init_distributed  # noqa: F401  (re-exported)
 
 __all__ = [
     "DeepSpeedConfigError",

@@ -28,12 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distributed as dd
-from .checkpoint import COMPLETE, export_checkpoint, latest_complete_tag
-from .config import DalleConfig, DVAEConfig, load_config, save_config
-from .dalle import DALLE
-from .dvae import DiscreteVAE
-from .engine import (
+from ..data.synthetic import ALL_COMBOS, SyntheticShapes, caption_of, holdout_combos
+from ..distributed import collectives as dd
+from ..distributed.ds_adapter import (
     DeepSpeedConfigError,
     after_skipped_step,
     apply_activation_checkpointing,
@@ -45,9 +42,12 @@ from .engine import (
     prepare_ds_config,
     zero_stage,
 )
-from .powersgd import attach_comm_hook, build_comm_hook
-from .serialization import load_dvae, save_model
-from .synthetic import ALL_COMBOS, SyntheticShapes, caption_of, holdout_combos
+from ..distributed.powersgd import attach_comm_hook, build_comm_hook
+from ..inference.serialization import load_dvae, save_model
+from ..models.config import DalleConfig, DVAEConfig, load_config, save_config
+from ..models.dalle import DALLE
+from ..models.dvae import DiscreteVAE
+from .checkpointing import COMPLETE, export_checkpoint, latest_complete_tag
 
 __all__ = [
     "DVAETrainer",
@@ -170,7 +170,7 @@ class Trainer(abc.ABC):
         if args.data == "synthetic":
             self.dataset = self.build_dataset()
         else:
-            from .data import DataConfig, StreamLoader
+            from ..data.stream import DataConfig, StreamLoader
 
             cfg = DataConfig(
                 args.data,
@@ -627,7 +627,7 @@ class DVAETrainer(Trainer):
             self.ema = state["ema"]
 
     def write_images(self, step: int) -> None:
-        from .images import save_grid
+        from ..utils.images import save_grid
 
         if self.preview is None or (self.rank != 0 and zero_stage(self.ds_config) != 3):
             return
@@ -674,7 +674,7 @@ class DalleTrainer(Trainer):
         self.dvae.to(device=self.engine.device, dtype=torch.float32)
 
     def caption_encoder(self):
-        from .text import CaptionEncoder
+        from ..data.text import CaptionEncoder
 
         # Stream batches are tokenized in the data workers, dropout seeded by (seed, rank, the batch's
         # place in its worker's stream); resumed streams repeat both.
@@ -688,7 +688,7 @@ class DalleTrainer(Trainer):
         return self.dvae.encode(images)
 
     def _tokenizer(self):
-        from .text import load_tokenizer, train_tokenizer
+        from ..data.text import load_tokenizer, train_tokenizer
 
         path = self.out / "tokenizer.json"
         if self.args.tokenizer:
@@ -701,7 +701,7 @@ class DalleTrainer(Trainer):
             else:  # a quick one from the stream's first captions; train a real one with train_tokenizer.py
                 import itertools
 
-                from .data import DataConfig, iter_captions
+                from ..data.stream import DataConfig, iter_captions
 
                 source = DataConfig(
                     self.args.data, caption_column=self.args.caption_column, english_only=self.args.english_only
@@ -715,8 +715,8 @@ class DalleTrainer(Trainer):
         """``<output>/final`` as a pipeline folder: weights, tokenizer.json and the dVAE in dvae/."""
         final = super().export()
         if self.rank == 0:
-            from .generation import add_pipeline_parts
-            from .hub import write_model_card
+            from ..inference.generation import add_pipeline_parts
+            from ..inference.hub import write_model_card
 
             add_pipeline_parts(final, self.tokenizer_path, self.dvae)
             a = self.args
@@ -732,7 +732,7 @@ class DalleTrainer(Trainer):
         return self.model.blocks
 
     def build_optimizer(self, model):
-        from .engine import param_groups
+        from ..distributed.ds_adapter import param_groups
 
         a = self.args
         lr = a.lr if a.lr is not None else 4.5e-4
@@ -757,8 +757,8 @@ class DalleTrainer(Trainer):
         return self.dvae.config.image_size
 
     def write_images(self, step: int) -> None:
-        from .images import save_grid
-        from .text import encode_captions
+        from ..data.text import encode_captions
+        from ..utils.images import save_grid
 
         if zero_stage(self.ds_config) == 3 or self.rank != 0:
             return  # ZeRO-3: parameters are partitioned; sample from the exported weights instead
@@ -780,7 +780,7 @@ class DalleTrainer(Trainer):
         _atomic_write_text(self.out / "images" / f"samples_{step:08d}.txt", "\n".join(captions) + "\n")
 
     def compute_loss(self, batch):
-        from .text import encode_captions
+        from ..data.text import encode_captions
 
         if "text" in batch:  # a stream's batch, tokenized by its data worker
             text = batch["text"]

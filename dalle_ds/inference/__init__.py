@@ -1,0 +1,1 @@
+"""Using trained models: safetensors serialization, sampling and reranking, evaluation, hub export."""

@@ -14,7 +14,7 @@ setup(
     install_requires=[
         # The tested range; scripts/env.sh and the Dockerfile install the same (tests/test_package.py).
         "torch>=2.13,<2.14",
-        # DeepSpeed internals we hook into were checked against this range (DESIGN.md section 9).
+        # DeepSpeed internals we hook into (dalle_ds/distributed/ds_adapter.py) were checked against this range.
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.40",
         "tokenizers>=0.19",
@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.23",
         "tqdm>=4.60",
+        "packaging>=23",
         "numpy>=1.24",
         "pyarrow>=12",  # Parquet shards read per file (dalle_ds/data.py); also a dependency of datasets
         "py3langid>=0.4",  # the optional English-caption filter; its model ships inside the wheel

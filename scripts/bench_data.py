@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from dalle_ds import get_preset
-from dalle_ds.data.stream import DataConfig, StreamLoader, crop_tensor, read_image
+from dalle_ds.data import DataConfig, StreamLoader, crop_tensor, read_image
 from dalle_ds.data.synthetic import write_tar
 from dalle_ds.data.text import CaptionEncoder, train_tokenizer
 

@@ -21,14 +21,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dalle_ds.data.stream import DataConfig, StreamLoader
+from dalle_ds.data import DataConfig, StreamLoader
 from dalle_ds.inference.serialization import load_dvae
+from dalle_ds.utils.files import atomic_path
+from dalle_ds.utils.images import as_float_image
 
 
 def write_parquet(rows: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.table(rows), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(rows), str(tmp))
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
 
     with torch.no_grad():
         for batch in loader:
-            images = batch["image"].to(args.device).float().div_(255)  # the stream delivers uint8
+            images = as_float_image(batch["image"].to(args.device))  # the stream delivers uint8
             codes = dvae.encode(images).reshape(len(batch["caption"]), -1)
             rows["codes"] += codes.to(torch.int16 if dvae.config.codebook_size <= 32767 else torch.int32).tolist()
             rows["caption"] += batch["caption"]

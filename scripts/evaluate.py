@@ -43,6 +43,7 @@ def main() -> None:
     from dalle_ds.inference.evaluation import caption_accuracy, dvae_metrics, validation_loss
     from dalle_ds.inference.generation import clip_scores, load_pipeline
     from dalle_ds.inference.serialization import load_dvae
+    from dalle_ds.utils.images import as_float_image
 
     model = tokenizer = None
     if args.checkpoint:
@@ -59,7 +60,7 @@ def main() -> None:
                 items = [data[i] for i in range(start, min(start + args.batch_size, args.num))]
                 yield {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
         else:
-            from dalle_ds.data.stream import DataConfig, StreamLoader
+            from dalle_ds.data import DataConfig, StreamLoader
 
             cfg = DataConfig(args.data, image_size=size, augment=False, shuffle_buffer=1, drop_last=False)
             loader = StreamLoader(cfg, args.batch_size, epochs=1)
@@ -68,7 +69,7 @@ def main() -> None:
                 if taken >= args.num:
                     break
                 taken += len(batch["caption"])
-                yield {"image": batch["image"].float() / 255, "caption": batch["caption"]}
+                yield {"image": as_float_image(batch["image"]), "caption": batch["caption"]}
 
     result = {"dvae": dvae_metrics(dvae, (b["image"] for b in batches()))}
     if model is not None:

@@ -45,11 +45,12 @@ def main() -> None:
         import numpy as np
         from PIL import Image
 
-        from dalle_ds.data.stream import paper_crop, to_rgb
+        from dalle_ds.data import paper_crop, to_rgb
+        from dalle_ds.utils.images import as_float_image
 
         size = model.dvae.config.image_size
         img = paper_crop(to_rgb(Image.open(args.prime_image)), size, None)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None].to(args.device)
+        x = as_float_image(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].to(args.device))
         with torch.no_grad():
             prime = model.dvae.encode(x).reshape(-1)[: args.prime_rows * model.config.image_grid]
     images, _ = sample_images(

@@ -3,7 +3,7 @@
 
     python scripts/train_tokenizer.py --data data/shapes --out runs/tokenizer.json [--vocab-size 16384]
 
-``--data`` is any source `dalle_ds.data.stream` streams (WebDataset shards, Parquet, an image folder with
+``--data`` is any source `dalle_ds.data.StreamLoader` streams (WebDataset shards, Parquet, an image folder with
 metadata.jsonl, a hub id); only captions are read (no image is decoded). The tokenizer lower-cases,
 has ``[UNK]`` as id 0, and loads with ``tokenizers.Tokenizer.from_file`` or as a
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)``. BPE dropout is applied at training
@@ -13,7 +13,7 @@ time by the trainer (``--bpe-dropout``, default 0.1).
 import argparse
 import itertools
 
-from dalle_ds.data.stream import DataConfig, iter_captions
+from dalle_ds.data import DataConfig, iter_captions
 from dalle_ds.data.text import train_tokenizer
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from conftest import ROOT, free_port
 
+from dalle_ds.training.faults import ENV as FAULTS_ENV
+
 STEPS = 6
 LAUNCH_ENV = ROOT / "tests" / "launch_env"  # sitecustomize: fp16 on CPU, collective recording
 
@@ -31,11 +33,16 @@ def shm_segments() -> set[str]:
     return {p.name for p in shm.glob("deepspeed_*")} if shm.is_dir() else set()
 
 
-def launch(script, *args, nprocs=2, timeout=300, fp16_on_cpu=False, record=None):
+def launch(script, *args, nprocs=2, timeout=300, fp16_on_cpu=False, record=None, faults=None):
     """Run ``scripts/<script>`` under the launcher. ``fp16_on_cpu``: patch DeepSpeed's fp16 capability
     check in every rank (the arithmetic runs on this CPU); ``record``: a folder that receives each
-    rank's torch.distributed calls made from dalle_ds (tests/launch_env/collective_recorder.py)."""
+    rank's torch.distributed calls made from dalle_ds (tests/launch_env/collective_recorder.py);
+    ``faults``: what the trainer's test-only fault seam injects (``dalle_ds/training/faults.py``),
+    e.g. ``{"kill_after_step": 5}``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop(FAULTS_ENV, None)
+    if faults:
+        env[FAULTS_ENV] = json.dumps(faults)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LAUNCH_ENV), env.get("PYTHONPATH")]))
     if fp16_on_cpu:
         env["DALLE_DS_TEST_FP16_ON_CPU"] = "1"
@@ -110,10 +117,11 @@ def losses(out: Path) -> list[float]:
     return [row["loss"] for row in metrics(out)]
 
 
-def crash_and_resume(script, args, *crash_flags, check_crashed=lambda out: None, **launch_kw):
-    """Run until the injected failure kills a rank, check the wreck, relaunch with --resume."""
+def crash_and_resume(script, args, faults, check_crashed=lambda out: None, **launch_kw):
+    """Run until the injected failure (``faults``, see :func:`launch`) kills a rank, check the wreck,
+    relaunch with --resume."""
     out = Path(args[args.index("--output-dir") + 1])
-    crashed = launch(script, *args, *crash_flags, **launch_kw)
+    crashed = launch(script, *args, faults=faults, **launch_kw)
     assert crashed.returncode != 0
     check_crashed(out)
     resumed = launch(script, *args, "--resume", **launch_kw)

@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 
 from dalle_ds.distributed.cluster import HostfileError, check_launch, parse_hostfile, select_slots
-from dalle_ds.distributed.ds_adapter import DeepSpeedConfigError
+from dalle_ds.distributed.ds_config import DeepSpeedConfigError
 
 
 def write(tmp_path, text):

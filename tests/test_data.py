@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, free_port
 from PIL import Image
 
-from dalle_ds.data.stream import DataConfig, StreamLoader, caption_problem, paper_crop, read_image, to_rgb
+from dalle_ds.data import DataConfig, StreamLoader, caption_problem, paper_crop, read_image, to_rgb
 from dalle_ds.data.synthetic import read_attributes, write_tar, write_webdataset
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from test_data import first_epoch, png
 
-from dalle_ds.data.stream import DataConfig, StreamLoader, iter_captions
+from dalle_ds.data import DataConfig, StreamLoader, iter_captions
 from dalle_ds.data.synthetic import write_tar
 
 
@@ -230,7 +230,7 @@ def test_trainer_flag_english_only_reaches_the_stream(tmp_path, single_process_g
     """``--english-only`` on the trainer's command line filters its stream (and its tokenizer's captions)."""
     from launching import shipped_config, train_args
 
-    from dalle_ds.training.trainer import DalleTrainer, dalle_arg_parser
+    from dalle_ds.training import DalleTrainer, dalle_arg_parser
 
     captions = ["a red circle at the top left", "ein roter Kreis oben links"] * 4
     (tmp_path / "s").mkdir()

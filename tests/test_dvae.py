@@ -151,7 +151,7 @@ def _vq_worker(rank: int, world: int, port: int, out: dict):
 
     import torch.distributed as dist
 
-    from dalle_ds.distributed.ds_adapter import TorchCollectives
+    from dalle_ds.distributed.collectives import TorchCollectives
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -4,16 +4,9 @@ import pytest
 import torch
 
 from dalle_ds import DALLE, DalleConfig
-from dalle_ds.distributed.ds_adapter import (
-    DeepSpeedConfigError,
-    apply_activation_checkpointing,
-    backward,
-    build_engine,
-    load_ds_config,
-    loss_scale,
-    param_groups,
-    prepare_ds_config,
-)
+from dalle_ds.distributed.ds_adapter import apply_activation_checkpointing, backward, build_engine, loss_scale
+from dalle_ds.distributed.ds_config import DeepSpeedConfigError, load_ds_config, prepare_ds_config
+from dalle_ds.training.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -184,3 +177,27 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(single_process_group,
     engine.step()
     assert engine.skipped_steps == 1
     assert not all(torch.equal(b, p.detach().float()) for b, p in zip(before, engine.module.parameters(), strict=True))
+
+
+def test_deepspeed_version_check_names_the_supported_range():
+    import deepspeed
+
+    from dalle_ds.distributed.ds_adapter import SUPPORTED_DEEPSPEED, DeepSpeedVersionError, check_version
+
+    assert check_version() == deepspeed.__version__  # the installed one is supported
+    assert check_version("0.19.9") == "0.19.9"
+    for bad in ("0.20.0", "0.18.5", "0.19.7"):
+        with pytest.raises(DeepSpeedVersionError, match=r"deepspeed.*<0\.20.*>=0\.19\.8|deepspeed.*>=0\.19\.8"):
+            check_version(bad)
+    setup = (ROOT / "setup.py").read_text()  # one range: what pip installs is what the adapter accepts
+    assert f'"deepspeed{",".join(SUPPORTED_DEEPSPEED)}"' in setup
+
+
+def test_a_moved_deepspeed_internal_is_named():
+    from dalle_ds.distributed.ds_adapter import DeepSpeedInternalsError, skipped_steps
+
+    class Engine:  # an engine of a DeepSpeed that renamed the counter
+        pass
+
+    with pytest.raises(DeepSpeedInternalsError, match=r"Engine\.skipped_steps is missing.*skipped fp16 steps"):
+        skipped_steps(Engine())

@@ -1,4 +1,5 @@
-"""Repository-level rules: model files stay pure torch; scripts run; public names exist."""
+"""Repository-level rules: the layout's layers, model files pure torch, DeepSpeed behind one adapter,
+modules small; scripts run; public names exist."""
 
 import ast
 import json
@@ -12,8 +13,19 @@ import pytest
 import dalle_ds
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FILES = ["masks.py", "attention.py", "dvae.py", "dalle.py", "config.py"]
+PACKAGE = ROOT / "dalle_ds"
+MODEL_FILES = sorted((PACKAGE / "models").glob("*.py"))
 FORBIDDEN = ("deepspeed", "torch.distributed")
+# Each subpackage may import from the ones listed (arrows point one way: no cycles between layers).
+LAYERS = {
+    "utils": set(),
+    "models": {"utils"},
+    "data": {"utils", "models", "distributed"},  # the stream ends epochs together over ranks
+    "distributed": {"utils"},
+    "inference": {"utils", "models", "data"},
+    "training": {"utils", "models", "data", "distributed", "inference"},
+}
+MAX_MODULE_LINES = 420
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -28,9 +40,61 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_model_files_import_torch_only():
-    for name in MODEL_FILES:
-        bad = [m for m in imported_modules(ROOT / "dalle_ds" / name) if m.startswith(FORBIDDEN)]
-        assert not bad, f"dalle_ds/{name} imports {bad}: engine code belongs outside the models"
+    assert len(MODEL_FILES) >= 5
+    for path in MODEL_FILES:
+        bad = [m for m in imported_modules(path) if m.startswith(FORBIDDEN)]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: engine code belongs outside the models"
+
+
+def package_imports(path: Path) -> set[str]:
+    """The dalle_ds subpackages a module imports (relative or absolute imports)."""
+    rel = path.relative_to(PACKAGE).parts
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                parts = (node.module or "").split(".")
+                if parts[0] == "dalle_ds" and len(parts) > 1:
+                    out.add(parts[1])
+            else:
+                base = list(rel[:-1])[: len(rel) - node.level]
+                parts = base + ((node.module or "").split(".") if node.module else [a.name for a in node.names])
+                if parts:
+                    out.add(parts[0])
+    return out
+
+
+def test_layers_import_only_the_layers_below_them():
+    seen = set()
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).parts
+        if len(rel) == 1:
+            continue  # dalle_ds/__init__.py re-exports the public names
+        layer = rel[0]
+        assert layer in LAYERS, f"{path.relative_to(ROOT)}: subpackage {layer!r} is not in the layer table"
+        seen.add(layer)
+        bad = package_imports(path) - LAYERS[layer] - {layer}
+        assert not bad, (
+            f"{path.relative_to(ROOT)} imports dalle_ds.{sorted(bad)}: {layer} may use {sorted(LAYERS[layer])}"
+        )
+    assert seen == set(LAYERS)
+
+
+def test_deepspeed_is_imported_by_the_adapter_only():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "ds_adapter.py":
+            continue
+        bad = [m for m in imported_modules(path) if m.startswith("deepspeed")]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: DeepSpeed goes through distributed/ds_adapter.py"
+
+
+def test_modules_stay_small():
+    big = {
+        str(p.relative_to(ROOT)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not big, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {big}"
 
 
 def test_import_rule_detects_violations(tmp_path):
@@ -122,7 +186,7 @@ def test_dockerfile_prebuilds_only_the_ops_the_trainers_use():
     build = s["build_stage"]
     assert build.index('"${TORCH}"') < build.index("RUN pip wheel"), "torch must be installed before the wheel step"
     assert "installed_ops" in build and "'cpu_adam'" in build, "the build stage asserts the op was prebuilt"
-    sources = "\n".join(p.read_text() for p in (ROOT / "dalle_ds").glob("*.py"))
+    sources = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert "DeepSpeedCPUAdam" in sources and "FusedAdam" not in sources, "the prebuilt ops no longer match the code"
     # The flag names an op of the installed DeepSpeed, as the CUDA accelerator lists them.
     code = (

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from dalle_ds.distributed.ds_adapter import DeepSpeedConfigError, prepare_ds_config
+from dalle_ds.distributed.ds_config import DeepSpeedConfigError, prepare_ds_config
 from dalle_ds.distributed.powersgd import CommHookError, PowerSGD, PowerSGDConfig, build_comm_hook
 
 N, M, R = 12, 10, 2

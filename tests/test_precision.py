@@ -100,7 +100,7 @@ def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
 
     crashed = workdir / f"prec_{name}_crash"
     script, args = args_for(name, workdir, dvae_dir, crashed)
-    resumed = crash_and_resume(script, args, "--fail-at-step", 5, fp16_on_cpu="fp16" in name)
+    resumed = crash_and_resume(script, args, {"kill_after_step": 5}, fp16_on_cpu="fp16" in name)
     assert "resumed from step00000004" in resumed.stdout
     got = metrics(crashed)
     assert [r["skipped"] for r in got] == [r["skipped"] for r in rows]
@@ -115,7 +115,7 @@ def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
 def test_dalle_trainer_encodes_images_in_fp32_whatever_the_engine_dtype(
     precision, single_process_group, fp16_on_cpu, tmp_path, dvae_dir
 ):
-    from dalle_ds.training.trainer import DalleTrainer, dalle_arg_parser
+    from dalle_ds.training import DalleTrainer, dalle_arg_parser
 
     cfg = shipped_config(tmp_path, f"zero2_{precision}")
     args = dalle_arg_parser().parse_args([str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg)])
@@ -169,8 +169,10 @@ def _optimizer_state(path):
 def test_fp16_overflow_skips_the_step_lowers_the_scale_and_leaves_the_state_untouched(workdir, dvae_dir):
     cfg = shipped_config(workdir, "zero2_fp16", fp16={"initial_scale_power": 10, "hysteresis": 1})
     out = workdir / "fp16_overflow"
-    extra = ("--inject-overflow-at", 3, "--save-every", 1, "--keep-checkpoints", STEPS, "--check-sync")
-    proc = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *extra), fp16_on_cpu=True)
+    extra = ("--save-every", 1, "--keep-checkpoints", STEPS, "--check-sync")
+    proc = launch(
+        "train_dalle.py", *train_args(dvae_dir, out, cfg, *extra), fp16_on_cpu=True, faults={"overflow_at_step": 3}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = metrics(out)
     assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]
@@ -206,7 +208,10 @@ def test_powersgd_under_fp16_skips_an_overflowed_step_and_keeps_training(stage, 
         cfg = shipped_config(workdir, f"zero{stage}_fp16", communication_hook={**POWERSGD, **hook}, **changes)
     out = workdir / f"psgd_fp16_zero{stage}"
     proc = launch(
-        "train_dalle.py", *train_args(dvae_dir, out, cfg, "--inject-overflow-at", 4, "--check-sync"), fp16_on_cpu=True
+        "train_dalle.py",
+        *train_args(dvae_dir, out, cfg, "--check-sync"),
+        fp16_on_cpu=True,
+        faults={"overflow_at_step": 4},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = metrics(out)
@@ -224,12 +229,12 @@ def test_rng_state_round_trip_covers_every_generator_a_step_draws_from():
 
     import numpy as np
 
-    from dalle_ds.training.trainer import _rng_state, _set_rng_state
+    from dalle_ds.training.checkpointing import capture_rng_state, restore_rng_state
 
-    state = _rng_state()
+    state = capture_rng_state()
     saved = torch.load(io.BytesIO(_save(state)), weights_only=True)  # as checkpoints store it
     first = (torch.rand(3), np.random.rand(3), random.random())
-    _set_rng_state(saved)
+    restore_rng_state(saved)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 

@@ -68,7 +68,7 @@ def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
         assert (out / "checkpoints" / "latest").read_text() == "step00000004"
 
     resumed = crash_and_resume(
-        "train_dalle.py", train_args(dvae_dir, out, cfg), "--fail-at-step", 5, check_crashed=check
+        "train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_after_step": 5}, check_crashed=check
     )
     assert "resumed from step00000004" in resumed.stdout
     got = losses(out)
@@ -87,7 +87,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(workdir, dvae_
         assert (ckpts / "step00000004").exists() and not (ckpts / "step00000004" / "complete.json").exists()
 
     resumed = crash_and_resume(
-        "train_dalle.py", train_args(dvae_dir, out, cfg), "--fail-in-save", 4, check_crashed=check
+        "train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_in_save": 4}, check_crashed=check
     )
     assert "resumed from step00000002" in resumed.stdout
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
@@ -125,7 +125,7 @@ def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdi
     assert counts == {"samples": STEPS * 2 * 2}  # 2 ranks x micro-batch 2 per step, nothing skipped
     assert "data: 24 samples used; skipped and counted: none" in proc.stdout
     out = workdir / "stream_crash"
-    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg, *stream), "--fail-at-step", 5)
+    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg, *stream), {"kill_after_step": 5})
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-6, atol=1e-6)
     assert json.loads((out / "data_counts.json").read_text()) == counts  # the resumed stream did not repeat
 
@@ -309,7 +309,7 @@ def test_powersgd_resume_restores_error_feedback_exactly(workdir, dvae_dir):
     ref = losses(run_hooked("psgd_rank4_zero2", workdir, dvae_dir, 2, RANK4))
     out = workdir / "psgd_crash"
     cfg = hook_config(workdir, "psgd_crash", 2, RANK4)
-    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg), "--fail-at-step", 5)
+    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_after_step": 5})
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
 

@@ -1,5 +1,26 @@
-"""Data: streaming image-text pairs (``datasets``), the caption tokenizer, the synthetic shapes set."""
+"""Data: streaming image-text pairs (``datasets``), the caption tokenizer, the synthetic shapes set.
 
-from .stream import REASONS, DataConfig, StreamLoader, iter_captions
+Modules, each depending only on those before it: :mod:`.config` (DataConfig, bad-input counters),
+:mod:`.transforms` (one example to a tensor), :mod:`.shards` (reading one shard), :mod:`.sources`
+(a source's shards, its captions), :mod:`.stream` (the distributed, resumable batch stream).
+"""
 
-__all__ = ["REASONS", "DataConfig", "StreamLoader", "iter_captions"]
+from .config import REASONS, BadSample, DataConfig
+from .sources import iter_captions, open_source
+from .stream import StreamLoader
+from .transforms import caption_problem, crop_tensor, is_english, paper_crop, read_image, to_rgb
+
+__all__ = [
+    "REASONS",
+    "BadSample",
+    "DataConfig",
+    "StreamLoader",
+    "caption_problem",
+    "crop_tensor",
+    "is_english",
+    "iter_captions",
+    "open_source",
+    "paper_crop",
+    "read_image",
+    "to_rgb",
+]

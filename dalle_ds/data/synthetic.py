@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..utils.images import as_float_image
+from ..utils.seeding import derive_seed
+
 __all__ = [
     "ALL_COMBOS",
     "COLOURS",
@@ -45,6 +48,7 @@ POSITIONS = {  # name -> (row, col) in a 3 x 3 layout
     "bottom right": (2, 2),
 }
 BACKGROUND = (255, 255, 255)
+_ITEMS = 6  # derive_seed domain of item i's combination and drawing (0-5: the trainer's and the stream's)
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = random.Random(derive_seed(self.seed, _ITEMS, index))
         combo = self.combos[rng.randrange(len(self.combos))]
         img = render(combo, self.image_size, rng)
-        image = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        image = as_float_image(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
         return {"image": image, "caption": caption_of(combo), "combo": combo}
 
 

@@ -83,7 +83,7 @@ def select_slots(hosts: dict[str, int], include: str = "", exclude: str = "") ->
 
 def check_launch(hostfile, ds_config, train_args=(), include: str = "", exclude: str = "") -> dict:
     """Validate a launch; returns a summary (hosts, world size, resolved batch sizes)."""
-    from .ds_adapter import load_ds_config, prepare_ds_config
+    from .ds_config import load_ds_config, prepare_ds_config
 
     slots = select_slots(parse_hostfile(hostfile), include, exclude)
     world = sum(len(s) for s in slots.values())
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--include", default="")
     p.add_argument("--exclude", default="")
     args = p.parse_args(argv)
-    from .ds_adapter import DeepSpeedConfigError
+    from .ds_config import DeepSpeedConfigError
 
     try:
         summary = check_launch(args.hostfile, args.deepspeed_config, rest, args.include, args.exclude)

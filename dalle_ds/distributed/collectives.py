@@ -18,7 +18,6 @@ this.
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 from typing import Any
@@ -61,32 +60,19 @@ def backend_for(device_type: str, device_backend: str) -> str:
 
 
 def init_distributed(dist_backend: str | None = None, **kwargs) -> None:
-    """``deepspeed.init_distributed`` with a default group that accepts CPU and device tensors.
+    """Create the default process group (through DeepSpeed) so that it takes CPU and device tensors.
 
     ``dist_backend`` (or ``DALLE_DS_DIST_BACKEND``) overrides the choice of :func:`backend_for`.
-    DeepSpeed's CPU shared-memory all-reduce op is not built: on the CPU accelerator DeepSpeed
-    0.19.8 JIT-builds ``deepspeed_shm_comm`` in every process (~60 s on a fresh extensions cache)
-    and under the launcher each rank leaves a 66 MiB segment in /dev/shm that is never unlinked.
-    The op only serves DeepSpeed-inference; training reduces through torch.distributed either way.
+    Checks the DeepSpeed version first (:mod:`.ds_adapter`).
     """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    from . import ds_adapter
 
     global _HOST_GROUP
-    acc = get_accelerator()
-    backend = dist_backend or os.environ.get("DALLE_DS_DIST_BACKEND")
-    if backend is None:
-        backend = backend_for(acc.device_name(), acc.communication_backend_name())
-    # `deepspeed.comm.torch` as an attribute is the torch package; the submodule needs importlib.
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    build = ds_torch_comm.build_shm_op
-    ds_torch_comm.build_shm_op = lambda: None
-    try:
-        deepspeed.init_distributed(dist_backend=backend, **kwargs)
-    finally:
-        ds_torch_comm.build_shm_op = build
-    if acc.device_name() != "cpu" and "LOCAL_RANK" in os.environ:  # (MPI discovery sets it during init)
-        acc.set_device(int(os.environ["LOCAL_RANK"]))  # object collectives and NCCL need it set
+    device_type, device_backend = ds_adapter.accelerator()
+    backend = dist_backend or os.environ.get("DALLE_DS_DIST_BACKEND") or backend_for(device_type, device_backend)
+    ds_adapter.init_process_group(backend, **kwargs)
+    if device_type != "cpu" and "LOCAL_RANK" in os.environ:  # (MPI discovery sets it during init)
+        ds_adapter.set_device(int(os.environ["LOCAL_RANK"]))  # object collectives and NCCL need it set
     _HOST_GROUP = None
     if "cpu" not in _device_types(None):
         _HOST_GROUP = dist.new_group(backend="gloo")  # every rank, same order: right after init

@@ -1,172 +1,188 @@
-"""DeepSpeed glue: config loading and validation, engine construction, activation checkpointing.
+"""The one module that touches DeepSpeed: engine construction and every use of its internals.
 
-Everything DeepSpeed-specific lives here (and in the trainer), never in the model files. The
-engine policy (ZeRO stage, precision, offload, activation checkpointing, monitors) comes from the
-DeepSpeed JSON alone; batch sizes come from the trainer, which fills the JSON's batch keys.
+dalle-ds drives DeepSpeed through its public API (``deepspeed.initialize``, ``engine.backward`` /
+``step``, ``save_checkpoint`` / ``load_checkpoint``, ``deepspeed.zero``, ``deepspeed.checkpointing``)
+and, where that API has no door, through a few internals, all of them here:
+
+- the fp16 loss scale (``optimizer.loss_scale_config.cur_scale`` or ``optimizer.cur_scale``);
+- the ZeRO-0 fp16 loss-scale fix in :func:`backward` (DeepSpeed 0.19 never scales the loss there);
+- the ZeRO-3 persistent-parameter re-gather after a skipped fp16 step (:func:`after_skipped_step`);
+- gradient reduction routed through a communication hook (:func:`attach_comm_hook`): ZeRO 1/2
+  through the optimizer's ``gradient_reduction_w_predivide`` and its ``ipg_buckets`` /
+  ``bit16_groups``; ZeRO 0 through ``engine.enable_backward_allreduce``;
+- ``deepspeed.comm.torch.build_shm_op``, not built at start-up (:func:`init_process_group`);
+- checkpoint file names (``mp_rank_00_model_states.pt``) and ``zero_to_fp32`` for export;
+- the activation-checkpointing RNG tracker, saved with every rank's RNG state.
+
+:func:`check_version` runs when the process group is created: outside the supported range it stops
+with the range, and an internal that moved raises :class:`DeepSpeedInternalsError` naming it. Upgrading
+DeepSpeed means reading this file, nothing else.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
+import contextlib
+import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .collectives import TorchCollectives, init_distributed  # noqa: F401  (re-exported)
-
 __all__ = [
-    "DeepSpeedConfigError",
-    "TorchCollectives",
+    "MODEL_STATES",
+    "SUPPORTED_DEEPSPEED",
+    "DeepSpeedInternalsError",
+    "DeepSpeedVersionError",
+    "add_config_arguments",
+    "after_skipped_step",
     "apply_activation_checkpointing",
+    "attach_comm_hook",
     "backward",
-    "loss_scale",
     "build_engine",
-    "load_ds_config",
-    "prepare_ds_config",
-    "zero_stage",
+    "check_version",
+    "cpu_adam",
+    "fp32_state_dict",
+    "gathered",
+    "init_process_group",
+    "loss_scale",
+    "model_states_path",
+    "rng_tracker_states",
+    "set_rng_tracker_states",
+    "skipped_steps",
+    "write_monitor",
+    "zero3_init",
 ]
 
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-# Sections dalle-ds reads itself; DeepSpeed ignores unknown top-level keys, but we strip them anyway
-# so the engine sees only its own schema.
-OWN_SECTIONS = ("communication_hook",)
+SUPPORTED_DEEPSPEED = (">=0.19.8", "<0.20")  # keep equal to setup.py's requirement
+"""The DeepSpeed range whose internals this module was written against and tested with."""
+
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO 3
 
 
-class DeepSpeedConfigError(ValueError):
-    """A DeepSpeed config is invalid or unsafe; the message names the file and keys."""
+class DeepSpeedVersionError(RuntimeError):
+    """The installed DeepSpeed is outside :data:`SUPPORTED_DEEPSPEED`."""
 
 
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config (strict JSON: errors give the line and column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeepSpeedConfigError(f"DeepSpeed config {path} does not exist")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DeepSpeedConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(config, dict):
-        raise DeepSpeedConfigError(f"{path}: expected a JSON object at the top level")
-    return config
+class DeepSpeedInternalsError(RuntimeError):
+    """A DeepSpeed internal dalle-ds relies on is not where this module expects it."""
 
 
-def zero_stage(config: dict[str, Any]) -> int:
-    return int(config.get("zero_optimization", {}).get("stage", 0))
+def _version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
 
 
-def _enabled(config: dict[str, Any], section: str) -> bool:
-    value = config.get(section, {})
-    return bool(value.get("enabled", False)) if isinstance(value, dict) else False
+def check_version(version: str | None = None) -> str:
+    """Raise :class:`DeepSpeedVersionError` unless ``version`` (default: the installed one) is supported."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
 
-
-def _resolve(config: dict, key: str, given: int | None, source: str) -> int | None:
-    """The batch key's value: the trainer's if given; the JSON must agree or say "auto"."""
-    value = config.get(key, "auto")
-    if value == "auto" or value is None:
-        return given
-    if not isinstance(value, int) or value < 1:
-        raise DeepSpeedConfigError(f'{source}: {key}={value!r} must be a positive integer or "auto"')
-    if given is not None and given != value:
-        raise DeepSpeedConfigError(
-            f"{source}: {key}={value} conflicts with the trainer's value {given}; set it in one place "
-            f'("auto" in the JSON lets the trainer fill it)'
+    version = version or _version()
+    spec = SpecifierSet(",".join(SUPPORTED_DEEPSPEED))
+    if Version(version).release is None or Version(version) not in spec:
+        raise DeepSpeedVersionError(
+            f"DeepSpeed {version} is not supported: dalle-ds needs deepspeed{spec} (it relies on internals "
+            f"listed in dalle_ds/distributed/ds_adapter.py). Install a supported version, e.g. "
+            f"pip install 'deepspeed{spec}'"
         )
-    return value
+    return version
 
 
-def _divide(total: int, key: str, value: int, world_size: int, source: str) -> int:
-    """The missing batch factor: train_batch_size / (the known one x world size), which must divide."""
-    if total % (value * world_size):
-        raise DeepSpeedConfigError(
-            f"{source}: train_batch_size={total} is not divisible by {key}={value} x world size {world_size}"
+def _internal(obj: Any, name: str, what: str) -> Any:
+    """``getattr(obj, name)``, or an error that names the missing internal and what needs it."""
+    if not hasattr(obj, name):
+        owner = obj.__name__ if isinstance(obj, type) or hasattr(obj, "__path__") else type(obj).__name__
+        raise DeepSpeedInternalsError(
+            f"DeepSpeed {_version()}: {owner}.{name} is missing; dalle-ds uses it for {what}. This "
+            f"DeepSpeed moved an internal (supported: deepspeed{','.join(SUPPORTED_DEEPSPEED)})"
         )
-    return total // (value * world_size)
+    return getattr(obj, name)
 
 
-def prepare_ds_config(
-    config: dict[str, Any],
-    *,
-    world_size: int,
-    micro_batch_size: int | None = None,
-    gradient_accumulation_steps: int | None = None,
-    source: str = "DeepSpeed config",
-) -> dict[str, Any]:
-    """Validate a DeepSpeed config and fill its batch keys; returns a new dict for ``deepspeed.initialize``.
+# --- process group and engine ----------------------------------------------------------------
 
-    ``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps * world_size``
-    must hold; keys left ``"auto"`` are filled from the trainer's values. Also refuses settings
-    known to be broken in DeepSpeed 0.19 (see DESIGN.md section 9) with an explanation.
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """``deepspeed.init_distributed(backend)`` without building DeepSpeed's CPU shared-memory op.
+
+    On the CPU accelerator DeepSpeed 0.19 JIT-builds ``deepspeed_shm_comm`` in every process (~60 s
+    on a fresh extensions cache) and under the launcher each rank leaves a 66 MiB segment in
+    /dev/shm that is never unlinked. The op only serves DeepSpeed-inference; training reduces
+    through torch.distributed either way.
     """
-    cfg = copy.deepcopy(config)
-    hook = cfg.get("communication_hook")
-    for section in OWN_SECTIONS:
-        cfg.pop(section, None)
-    if hook:
-        zero = cfg.setdefault("zero_optimization", {})
-        stage = int(zero.get("stage", 0))
-        if stage == 3:
-            raise DeepSpeedConfigError(
-                f"{source}: communication_hook with zero_optimization.stage=3 is not supported (ZeRO-3 "
-                f"reduce-scatters partitioned gradients); use stage 0, 1 or 2"
-            )
-        if stage in (1, 2):
-            if zero.get("reduce_scatter", False):
-                raise DeepSpeedConfigError(
-                    f"{source}: communication_hook needs zero_optimization.reduce_scatter=false (the hook "
-                    f"replaces the all-reduce of each gradient bucket)"
-                )
-            zero["reduce_scatter"] = False
-            zero["contiguous_gradients"] = True
-    micro = _resolve(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, source)
-    accum = _resolve(cfg, "gradient_accumulation_steps", gradient_accumulation_steps, source)
-    total = cfg.get("train_batch_size", "auto")
-    if total not in ("auto", None) and (not isinstance(total, int) or total < 1):
-        raise DeepSpeedConfigError(f'{source}: train_batch_size={total!r} must be a positive integer or "auto"')
-    total = None if total in ("auto", None) else total
-    if micro is None and accum is None and total is None:
-        raise DeepSpeedConfigError(f"{source}: no batch size: set train_micro_batch_size_per_gpu or pass one")
-    accum = accum if accum is not None else (1 if micro is None or total is None else None)
-    if micro is None:
-        micro = _divide(total, "gradient_accumulation_steps", accum, world_size, source)
-    if accum is None:
-        accum = _divide(total, "train_micro_batch_size_per_gpu", micro, world_size, source)
-    expected = micro * accum * world_size
-    if total is not None and total != expected:
-        raise DeepSpeedConfigError(
-            f"{source}: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
-            f"gradient_accumulation_steps={accum} x world size {world_size} = {expected}"
-        )
-    cfg.update(train_batch_size=expected, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    import deepspeed
 
-    stage = zero_stage(cfg)
-    if stage not in (0, 1, 2, 3):
-        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage={stage} must be 0, 1, 2 or 3")
-    fp16, bf16 = _enabled(cfg, "fp16"), _enabled(cfg, "bf16")
-    if fp16 and bf16:
-        raise DeepSpeedConfigError(f"{source}: fp16.enabled and bf16.enabled are both true; pick one")
-    ac = cfg.get("activation_checkpointing")
-    if ac is not None:
-        if not isinstance(ac, dict):
-            raise DeepSpeedConfigError(f"{source}: activation_checkpointing must be an object")
-        if ac.get("cpu_checkpointing") and not ac.get("partition_activations"):
-            raise DeepSpeedConfigError(
-                f"{source}: activation_checkpointing.cpu_checkpointing=true needs partition_activations=true "
-                f"(DeepSpeed 0.19 crashes in backward otherwise)"
-            )
-        if ac.get("contiguous_memory_optimization") and not ac.get("partition_activations"):
-            raise DeepSpeedConfigError(
-                f"{source}: activation_checkpointing.contiguous_memory_optimization=true needs "
-                f"partition_activations=true"
-            )
-    if "optimizer" in cfg or "scheduler" in cfg:
-        raise DeepSpeedConfigError(
-            f"{source}: 'optimizer'/'scheduler' sections are set by the trainer (the paper's AdamW and "
-            f"schedules); remove them from the JSON"
-        )
-    return cfg
+    check_version()
+    # `deepspeed.comm.torch` as an attribute is the torch package; the submodule needs importlib.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    build = _internal(ds_torch_comm, "build_shm_op", "skipping the shared-memory op build")
+    ds_torch_comm.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend=backend, **kwargs)
+    finally:
+        ds_torch_comm.build_shm_op = build
+
+
+def accelerator() -> tuple[str, str]:
+    """(device type, communication backend) of DeepSpeed's accelerator, e.g. ("cuda", "nccl")."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return acc.device_name(), acc.communication_backend_name()
+
+
+def set_device(local_rank: int) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().set_device(local_rank)
+
+
+def add_config_arguments(parser):
+    """DeepSpeed's launcher arguments (``--deepspeed_config``, ``--deepspeed``)."""
+    import deepspeed
+
+    return deepspeed.add_config_arguments(parser)
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer, lr_scheduler=None):
+    """``deepspeed.initialize`` with a prepared config and the trainer's optimizer and scheduler."""
+    import deepspeed
+
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
+    )
+    return engine, optimizer, lr_scheduler
+
+
+def zero3_init(ds_config: dict[str, Any]):
+    """Context in which modules are built already partitioned (ZeRO-3)."""
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def gathered(params, modifier_rank: int | None = None, enabled: bool = True):
+    """Context with ZeRO-3 partitioned ``params`` whole on every rank (a no-op when not enabled)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def register_external_parameter(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """ZeRO-3: ``param`` is used in ``module``'s forward though it belongs to a submodule."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(module, param)
+
+
+def cpu_adam(params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    """DeepSpeed's CPU AdamW (ZeRO offloads optimizer states to the CPU and steps them there)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adamw_mode=True)
 
 
 def apply_activation_checkpointing(blocks: torch.nn.ModuleList, ds_config: dict[str, Any]) -> bool:
@@ -205,14 +221,7 @@ def apply_activation_checkpointing(blocks: torch.nn.ModuleList, ds_config: dict[
     return True
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer, lr_scheduler=None):
-    """``deepspeed.initialize`` with a prepared config and the trainer's optimizer and scheduler."""
-    import deepspeed
-
-    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
-    )
-    return engine, optimizer, lr_scheduler
+# --- the training step -------------------------------------------------------------------------
 
 
 def loss_scale(engine) -> float | None:
@@ -227,7 +236,15 @@ def loss_scale(engine) -> float | None:
         value = getattr(opt, attr, None)
         if isinstance(value, (int, float, torch.Tensor)):
             return float(value)
-    return None
+    raise DeepSpeedInternalsError(
+        f"DeepSpeed {_version()}: {type(opt).__name__} has no loss_scale_config.cur_scale, loss_scale or "
+        f"cur_scale; dalle-ds reads the fp16 loss scale from one of them"
+    )
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps the engine skipped (fp16 overflow) since it was built."""
+    return int(_internal(engine, "skipped_steps", "counting skipped fp16 steps"))
 
 
 def backward(engine, loss: torch.Tensor) -> None:
@@ -235,7 +252,9 @@ def backward(engine, loss: torch.Tensor) -> None:
 
     At ZeRO stage 0 with fp16 the engine never multiplies the loss by the loss scale (only ZeRO
     optimizers do) while FP16_Optimizer still divides the gradients by it: every update would be
-    ~65536x too small. We apply the scale ourselves in that one case.
+    ~65536x too small. We apply the scale ourselves in that one case. With a communication hook at
+    ZeRO-0 the engine's all-reduce is off and the hook averages the gradients here, at the
+    accumulation boundary, before ``engine.step()``.
     """
     if engine.fp16_enabled() and engine.zero_optimization_stage() == 0:
         scale = loss_scale(engine)
@@ -244,7 +263,6 @@ def backward(engine, loss: torch.Tensor) -> None:
     engine.backward(loss)
     hook = getattr(engine, "_dalle_ds_comm_hook", None)
     if hook is not None and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
-        # ZeRO-0 with a communication hook: the engine's all-reduce is off; average here, before step().
         grads = [(name, p.grad) for name, p in engine.module.named_parameters() if p.grad is not None]
         hook.reduce(grads, scale=loss_scale(engine) or 1.0)
 
@@ -261,23 +279,95 @@ def after_skipped_step(engine) -> None:
     """
     if engine.zero_optimization_stage() != 3:
         return
-    persistent = getattr(engine.optimizer, "persistent_parameters", None)
+    persistent = _internal(engine.optimizer, "persistent_parameters", "re-gathering after a skipped ZeRO-3 step")
     if persistent:
         persistent[0].all_gather(persistent)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on gains, biases and embeddings (paper App. D)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def attach_comm_hook(engine, hook) -> None:
+    """Route the engine's data-parallel gradient reduction through ``hook.reduce(named_grads, scale=)``.
+
+    ZeRO 1/2: every gradient bucket the optimizer would all-reduce goes to the hook instead (its
+    ``reduce_scatter`` must be off, so every bucket passes ``gradient_reduction_w_predivide``). ZeRO 0:
+    the engine's backward all-reduce is turned off and :func:`backward` calls the hook. ZeRO 3 is
+    refused: it reduce-scatters partitioned gradients, with no per-matrix view to compress. The hook's
+    ``skips_non_finite`` is set when the engine skips overflowed steps (fp16).
+    """
+    from .powersgd import CommHookError
+
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        raise CommHookError(
+            "communication_hook: ZeRO stage 3 is not supported (its reduce-scatter of partitioned "
+            "gradients has no per-matrix view to compress); use stage 0, 1 or 2"
+        )
+    hook.skips_non_finite = engine.fp16_enabled()  # DeepSpeed's fp16 optimizers skip overflowed steps
+    if stage == 0:
+        _internal(engine, "enable_backward_allreduce", "turning the engine's all-reduce off for the hook")
+        engine.enable_backward_allreduce = False
+        engine._dalle_ds_comm_hook = hook
+        return
+    opt = engine.optimizer
+    if not all(hasattr(opt, name) for name in ("gradient_reduction_w_predivide", "ipg_buckets", "bit16_groups")):
+        raise CommHookError(
+            f"communication_hook: the engine's optimizer {type(opt).__name__} does not reduce gradients in "
+            f"buckets (DeepSpeed picks BF16_Optimizer for bf16 at ZeRO stage 1); use ZeRO stage 0 or 2"
+        )
+    if getattr(opt, "reduce_scatter", False):
+        raise CommHookError("communication_hook with ZeRO 1/2 needs zero_optimization.reduce_scatter=false")
+
+    def reduce_bucket(tensor: torch.Tensor, communication_data_type: torch.dtype):
+        bucket = opt.ipg_buckets[communication_data_type]
+        views, offset = [], 0
+        for group, index, param_id in bucket.params:
+            p = opt.bit16_groups[group][index]
+            views.append((param_id, tensor.narrow(0, offset, p.numel()).view(p.shape)))
+            offset += p.numel()
+        if offset != tensor.numel():  # a parameter larger than the bucket comes alone
+            param = _internal(opt, "extra_large_param_to_reduce", "mapping buckets to parameters").get(
+                communication_data_type
+            )
+            if param is None or param.numel() != tensor.numel():
+                raise DeepSpeedInternalsError("communication hook: cannot map the gradient bucket to parameters")
+            views = [(id(param), tensor.view(param.shape))]
+        hook.reduce(views, scale=loss_scale(engine) or 1.0)  # fp16: the buckets hold scaled gradients
+        return tensor
+
+    opt.gradient_reduction_w_predivide = reduce_bucket
+    engine._dalle_ds_comm_hook = hook
 
 
-def cosine(step: int, total: int, start: float, end: float) -> float:
-    """Cosine interpolation from ``start`` (step 0) to ``end`` (step >= total)."""
-    if total <= 0 or step >= total:
-        return end
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total))
+def write_monitor(engine, events: list[tuple[str, float, int]]) -> None:
+    """Events to the monitors the config enables (csv_monitor, tensorboard, wandb, comet)."""
+    if engine.monitor.enabled:
+        engine.monitor.write_events(events)
+
+
+# --- checkpoints and RNG -------------------------------------------------------------------------
+
+
+def model_states_path(tag_dir: str | Path) -> Path | None:
+    """The engine's model-states file in a checkpoint tag folder (ZeRO 0-2 or ZeRO-3 name), or None."""
+    return next((Path(tag_dir) / n for n in MODEL_STATES if (Path(tag_dir) / n).is_file()), None)
+
+
+def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO 1-3 checkpoint, consolidated (DeepSpeed's ``zero_to_fp32``)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def _rng_tracker():
+    from deepspeed.runtime.activation_checkpointing import checkpointing
+
+    return _internal(checkpointing, "get_cuda_rng_tracker", "saving activation-checkpointing RNG states")()
+
+
+def rng_tracker_states() -> dict[str, Any]:
+    """The activation-checkpointing RNG tracker's states (partitioned activations); empty otherwise."""
+    return _rng_tracker().get_states()
+
+
+def set_rng_tracker_states(states: dict[str, Any]) -> None:
+    _rng_tracker().set_states(states)

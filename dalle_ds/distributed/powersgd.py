@@ -14,10 +14,9 @@ all-reduce. ``warm_start: true`` starts each step's power iteration from the pre
 is the paper's variant: one random Q per matrix, drawn once and kept. ``hierarchical`` reduces
 exactly inside a node and compresses only across nodes.
 
-DeepSpeed 0.19 has no hook API (DeepSpeed issue #886). :func:`attach_comm_hook` plugs in where the
-engine reduces: ZeRO 1/2 through the optimizer's ``gradient_reduction_w_predivide`` (which every
-bucket passes when ``reduce_scatter`` is off); ZeRO 0 by turning the engine's backward all-reduce
-off and reducing before the optimizer step. ZeRO 3 is refused.
+This module sees gradient tensors and process groups only: ``reduce(named_grads, scale)`` averages
+them over the data-parallel group in place. Plugging it into a DeepSpeed engine (which has no hook
+API) is :func:`dalle_ds.distributed.ds_adapter.attach_comm_hook`'s job.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ __all__ = [
     "CommHookError",
     "PowerSGD",
     "PowerSGDConfig",
-    "attach_comm_hook",
     "build_comm_hook",
     "register_comm_hook",
 ]
@@ -364,7 +362,7 @@ def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tens
     return out
 
 
-# --- registry and engine wiring -------------------------------------------------------------
+# --- registry: "communication_hook" sections to hooks --------------------------------------------
 
 COMM_HOOKS: dict[str, Callable[..., Any]] = {}
 
@@ -413,46 +411,3 @@ def build_comm_hook(section: dict[str, Any] | None):
     if kind not in COMM_HOOKS:
         raise CommHookError(f"communication_hook.type={kind!r}: unknown; registered: {sorted(COMM_HOOKS)}")
     return COMM_HOOKS[kind](section)
-
-
-def attach_comm_hook(engine, hook) -> None:
-    """Route the engine's data-parallel gradient reduction through ``hook.reduce``."""
-    stage = engine.zero_optimization_stage()
-    if stage == 3:
-        raise CommHookError(
-            "communication_hook: ZeRO stage 3 is not supported (its reduce-scatter of partitioned "
-            "gradients has no per-matrix view to compress); use stage 0, 1 or 2"
-        )
-    if stage == 0:
-        engine.enable_backward_allreduce = False
-        engine._dalle_ds_comm_hook = hook  # reduced in ds_adapter.backward at boundaries
-        hook.skips_non_finite = engine.fp16_enabled()
-        return
-    opt = engine.optimizer
-    if not all(hasattr(opt, name) for name in ("gradient_reduction_w_predivide", "ipg_buckets", "bit16_groups")):
-        raise CommHookError(
-            f"communication_hook: the engine's optimizer {type(opt).__name__} does not reduce gradients in "
-            f"buckets (DeepSpeed picks BF16_Optimizer for bf16 at ZeRO stage 1); use ZeRO stage 0 or 2"
-        )
-    if getattr(opt, "reduce_scatter", False):
-        raise CommHookError("communication_hook with ZeRO 1/2 needs zero_optimization.reduce_scatter=false")
-    from .ds_adapter import loss_scale
-
-    def reduce_bucket(tensor: torch.Tensor, communication_data_type: torch.dtype):
-        bucket = opt.ipg_buckets[communication_data_type]
-        views, offset = [], 0
-        for group, index, param_id in bucket.params:
-            p = opt.bit16_groups[group][index]
-            views.append((param_id, tensor.narrow(0, offset, p.numel()).view(p.shape)))
-            offset += p.numel()
-        if offset != tensor.numel():  # a parameter larger than the bucket comes alone
-            param = opt.extra_large_param_to_reduce.get(communication_data_type)
-            if param is None or param.numel() != tensor.numel():
-                raise RuntimeError("communication hook: cannot map the gradient bucket to parameters")
-            views = [(id(param), tensor.view(param.shape))]
-        hook.reduce(views, scale=loss_scale(engine) or 1.0)  # fp16: the buckets hold scaled gradients
-        return tensor
-
-    opt.gradient_reduction_w_predivide = reduce_bucket
-    engine._dalle_ds_comm_hook = hook
-    hook.skips_non_finite = engine.fp16_enabled()  # DeepSpeed's fp16 optimizers skip overflowed steps

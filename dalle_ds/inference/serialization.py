@@ -27,6 +27,7 @@ __all__ = [
     "convert_openai_dvae",
     "load_dvae",
     "load_model",
+    "model_from_config",
     "openai_dvae_state_dict",
     "read_openai_pickle",
     "save_model",
@@ -55,6 +56,15 @@ def save_model(model: DALLE | DiscreteVAE, directory: str | Path) -> Path:
     return directory
 
 
+def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE:
+    """A freshly built model for a config dict with a ``model_type`` (``dalle`` or ``dvae``)."""
+    kind = data.get("model_type")
+    if kind not in _MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type={kind!r}, expected one of {sorted(_MODEL_TYPES)}")
+    config_cls, model_cls = _MODEL_TYPES[kind]
+    return model_cls(config_cls.from_dict(data, source=source))
+
+
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> DALLE | DiscreteVAE:
     """Load a folder written by :func:`save_model`; the config's ``model_type`` picks the class."""
     directory = Path(directory)
@@ -62,14 +72,8 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    data = json.loads(config_path.read_text())
-    kind = data.get("model_type")
-    if kind not in _MODEL_TYPES:
-        raise ConfigError(f"{config_path}: model_type={kind!r}, expected one of {sorted(_MODEL_TYPES)}")
-    config_cls, model_cls = _MODEL_TYPES[kind]
-    config = config_cls.from_dict(data, source=str(config_path))
     with torch.device("meta"):
-        model = model_cls(config)
+        model = model_from_config(json.loads(config_path.read_text()), source=str(config_path))
     state = load_file(weights_path, device=str(map_location))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

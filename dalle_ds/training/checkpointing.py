@@ -1,20 +1,47 @@
-"""Exporting DeepSpeed training checkpoints to the consolidated safetensors folder format."""
+"""Training checkpoints: the format, crash-safe saving, exact resume, and export to safetensors.
+
+A checkpoint is a folder ``<output>/checkpoints/stepNNNNNNNN`` holding
+
+- the DeepSpeed engine's files (module, optimizer and scheduler states, every ZeRO partition) with
+  the trainer's client state (step, ``model_config``, ...) inside the model-states file;
+- ``rng_rank{r}.pt`` per rank: every RNG state of that process and device (torch, CUDA, Python,
+  numpy, DeepSpeed's activation-checkpointing tracker) plus the rank's own training state (the
+  communication hook's error-feedback buffers, the data stream's position and counters);
+- ``trainer_state.pt`` (rank 0): state the trainer keeps outside the engine (e.g. the dVAE EMA);
+- ``complete.json``, written by rank 0 after every rank has finished writing (a barrier), and only
+  then ``latest`` is pointed at it. A crash at any moment leaves the previous complete checkpoint
+  as the one ``--resume`` picks; incomplete folders are ignored and pruned later.
+"""
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from ..inference.serialization import save_model
-from ..models.config import ConfigError, DalleConfig, DVAEConfig
-from ..models.dalle import DALLE
-from ..models.dvae import DiscreteVAE
+from ..distributed import collectives as dd
+from ..distributed import ds_adapter
+from ..inference.serialization import model_from_config, save_model
+from ..models.config import ConfigError
+from ..utils.files import atomic_write_text
 
-__all__ = ["COMPLETE", "export_checkpoint", "latest_complete_tag"]
+__all__ = [
+    "COMPLETE",
+    "Checkpointer",
+    "capture_rng_state",
+    "export_checkpoint",
+    "latest_complete_tag",
+    "restore_rng_state",
+]
 
 COMPLETE = "complete.json"  # written into a checkpoint folder once every rank has finished it
-MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO 3
 
 
 def latest_complete_tag(ckpt_dir: str | Path) -> str | None:
@@ -29,6 +56,98 @@ def latest_complete_tag(ckpt_dir: str | Path) -> str | None:
     return complete[-1] if complete else None
 
 
+class Checkpointer:
+    """Saves and loads one run's checkpoints (collective: every rank calls :meth:`save` / :meth:`load`)."""
+
+    def __init__(self, ckpt_dir: str | Path, rank: int, keep: int):
+        self.dir = Path(ckpt_dir)
+        self.rank = rank
+        self.keep = keep
+
+    def latest_tag(self) -> str | None:
+        return latest_complete_tag(self.dir)
+
+    def save(
+        self,
+        engine,
+        step: int,
+        client: dict[str, Any],
+        rank_state: dict[str, Any],
+        shared_state: dict[str, Any],
+        before_complete: Callable[[], None] = lambda: None,
+    ) -> str:
+        """Write checkpoint ``step``: the engine with ``client`` state, this rank's RNG states and
+        ``rank_state``, rank 0's ``shared_state``; mark it complete once every rank is done; prune."""
+        tag = f"step{step:08d}"
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
+        torch.save({**capture_rng_state(), **rank_state}, self.dir / tag / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            torch.save(shared_state, self.dir / tag / "trainer_state.pt")
+        before_complete()
+        dd.barrier()
+        if self.rank == 0:
+            atomic_write_text(self.dir / tag / COMPLETE, json.dumps(client) + "\n")
+            atomic_write_text(self.dir / "latest", tag)
+            complete = sorted(p for p in self.dir.glob("step*") if (p / COMPLETE).exists())
+            for old in complete[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        dd.barrier()
+        return tag
+
+    def load(self, engine) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        """Load the latest complete checkpoint into ``engine`` and restore this rank's RNG states.
+
+        Returns (tag, client state, this rank's state, rank 0's shared state), or None when there is
+        no complete checkpoint.
+        """
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        _, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        rank_state: dict[str, Any] = {}
+        path = self.dir / tag / f"rng_rank{self.rank}.pt"
+        if path.exists():
+            rank_state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states live on the host
+            restore_rng_state(rank_state)
+        shared = self.dir / tag / "trainer_state.pt"
+        shared_state = torch.load(shared, weights_only=True) if shared.exists() else {}
+        return tag, client, rank_state, shared_state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from, on every device of this process."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (the current one)
+    tracked = ds_adapter.rng_tracker_states()
+    if tracked:
+        state["ds_checkpointing"] = tracked
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng_state` (keys it did not write are ignored)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]  # random.setstate needs tuples; a loaded state has lists
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            warnings.warn("the checkpoint holds a CUDA RNG state but CUDA is not available here", stacklevel=2)
+    if "ds_checkpointing" in state:
+        ds_adapter.set_rng_tracker_states(state["ds_checkpointing"])
+
+
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """Consolidate a dalle-ds DeepSpeed checkpoint (any ZeRO stage) into ``out_dir``.
 
@@ -40,24 +159,21 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None
     tag = tag or latest_complete_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint (no step*/{COMPLETE})")
-    states_path = next((ckpt_dir / tag / name for name in MODEL_STATES if (ckpt_dir / tag / name).is_file()), None)
+    states_path = ds_adapter.model_states_path(ckpt_dir / tag)
     if states_path is None:
-        raise FileNotFoundError(f"{ckpt_dir / tag}: no {' or '.join(MODEL_STATES)}: not a DeepSpeed checkpoint folder")
+        raise FileNotFoundError(
+            f"{ckpt_dir / tag}: no {' or '.join(ds_adapter.MODEL_STATES)}: not a DeepSpeed checkpoint folder"
+        )
     states = torch.load(states_path, map_location="cpu", weights_only=True)
     data = states.get("model_config")
     if not isinstance(data, dict):
         raise ConfigError(f"{states_path}: no model_config in the client state (not written by dalle-ds?)")
-    kinds = {"dalle": (DalleConfig, DALLE), "dvae": (DVAEConfig, DiscreteVAE)}
-    config_cls, model_cls = kinds[data["model_type"]]
-    config = config_cls.from_dict(data, source=str(states_path))
+    model = model_from_config(data, source=str(states_path))
     stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     if stage == 0:
         state = {k: v.float() for k, v in states["module"].items()}
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        state = ds_adapter.fp32_state_dict(ckpt_dir, tag)
     state = {k: v for k, v in state.items() if not k.startswith("dvae.")}
-    model = model_cls(config)
     model.load_state_dict(state, strict=True)
     return save_model(model, out_dir)

@@ -3,7 +3,7 @@
 Each call made directly from a dalle_ds source file is appended to
 ``$DALLE_DS_TEST_RECORD_COLLECTIVES/rank<R>.jsonl`` as
 ``{"op", "caller" (file:line of the direct caller), "function" (its name), "origin" (the first dalle_ds frame outside
-dalle_ds/distributed.py), "devices" (device types of the tensors passed), "group_devices" (device
+dalle_ds/distributed/collectives.py), "devices" (device types of the tensors passed), "group_devices" (device
 types the group's backends accept), "object": bool}``.
 """
 
@@ -44,7 +44,9 @@ def install(dist) -> None:
             caller = sys._getframe(1)
             if _package_file(caller.f_code.co_filename):
                 origin = caller
-                while origin is not None and origin.f_code.co_filename.endswith(f"dalle_ds{os.sep}distributed.py"):
+                while origin is not None and origin.f_code.co_filename.endswith(
+                    os.path.join("dalle_ds", "distributed", "collectives.py")
+                ):
                     origin = origin.f_back
                 group = kwargs.get("group")
                 if group is None and op not in ("new_group",):

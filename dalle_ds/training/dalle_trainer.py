@@ -1,0 +1,180 @@
+"""The DALL-E transformer trainer: the paper's recipe on the shared loop, with a frozen dVAE
+turning images into codes on the engine's device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.synthetic import ALL_COMBOS, SyntheticShapes, caption_of, holdout_combos
+from ..distributed import collectives as dd
+from ..distributed import ds_adapter
+from ..inference.serialization import load_dvae
+from ..models.config import DalleConfig
+from ..models.dalle import DALLE
+from ..utils.files import atomic_write_text
+from ..utils.seeding import derive_seed, numpy_rng
+from .errors import UsageError
+from .optim import adamw, cosine, lambda_lr, param_groups
+from .trainer import Trainer
+
+__all__ = ["DalleTrainer"]
+
+CAPTIONS = 2  # derive_seed domain of the stream workers' BPE dropout (0: noise, 1: data order)
+BPE_DROPOUT = 3  # numpy_rng domain of the synthetic path's BPE dropout
+
+
+class DalleTrainer(Trainer):
+    """The paper's transformer recipe: AdamW(0.9, 0.96, 1e-8, wd 4.5e-2, none on gains, biases and
+    embeddings), linear warmup then cosine decay, clipping from the JSON (``gradient_clipping``)."""
+
+    model_kind = "dalle"
+
+    def build_model(self):
+        if not isinstance(self.config, DalleConfig):
+            raise UsageError(f"--preset {self.args.preset} is not a DALL-E config")
+        if not self.args.dvae:
+            raise UsageError("--dvae DIR (a trained dVAE folder) is required to turn images into codes")
+        self.dvae = load_dvae(self.args.dvae)
+        self.tokenizer = self._tokenizer()
+        if self.zero3:
+            with ds_adapter.zero3_init(self.ds_config):
+                model = DALLE(self.config)
+            # Init inside zero.Init ran on already-partitioned (empty) parameters: redo it, one
+            # module gathered at a time, so weights equal those of an unsharded run.
+            model.init_weights(gather=lambda params: ds_adapter.gathered(params, modifier_rank=0))
+            for param in model.external_parameters():  # tied unembeddings are read in DALLE.forward
+                ds_adapter.register_external_parameter(model, param)
+        else:
+            model = DALLE(self.config)
+        # The frozen dVAE stays outside the engine's module: DeepSpeed casts that module to its
+        # fp16/bf16 dtype and would shard it under ZeRO-3. It encodes in fp32 on the engine's device
+        # (on_engine), so codes do not depend on the training precision.
+        model.check_dvae(self.dvae)
+        return model
+
+    def on_engine(self) -> None:
+        self.dvae.to(device=self.engine.device, dtype=torch.float32)
+
+    def caption_encoder(self):
+        from ..data.text import CaptionEncoder
+
+        # Stream batches are tokenized in the data workers, dropout seeded by (seed, rank, the batch's
+        # place in its worker's stream); resumed streams repeat both.
+        return CaptionEncoder(
+            self.tokenizer, self.config, self.args.bpe_dropout, seed=derive_seed(self.args.seed, CAPTIONS, self.rank)
+        )
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) pixels -> (B, grid, grid) codes with the frozen fp32 dVAE (whatever the engine's
+        dtype); codes precomputed by scripts/encode_images.py skip this."""
+        return self.dvae.encode(images)
+
+    def _tokenizer(self):
+        from ..data.text import load_tokenizer, train_tokenizer
+
+        path = self.out / "tokenizer.json"
+        if self.args.tokenizer:
+            self.tokenizer_path = Path(self.args.tokenizer)
+            return load_tokenizer(self.args.tokenizer)
+        self.tokenizer_path = path
+        if self.rank == 0 and not path.exists():
+            if self.args.data == "synthetic":
+                captions = [caption_of(c) for c in ALL_COMBOS]
+            else:  # a quick one from the stream's first captions; train a real one with train_tokenizer.py
+                import itertools
+
+                from ..data.stream import DataConfig, iter_captions
+
+                source = DataConfig(
+                    self.args.data, caption_column=self.args.caption_column, english_only=self.args.english_only
+                )
+                captions = itertools.islice(iter_captions(source), 100_000)
+            train_tokenizer(captions, self.config.text_vocab_size, path)
+        dd.barrier()
+        return load_tokenizer(path)
+
+    def export(self):
+        """``<output>/final`` as a pipeline folder: weights, tokenizer.json and the dVAE in dvae/."""
+        final = super().export()
+        if self.rank == 0:
+            from ..inference.generation import add_pipeline_parts
+            from ..inference.hub import write_model_card
+
+            add_pipeline_parts(final, self.tokenizer_path, self.dvae)
+            a = self.args
+            settings = {"name": a.preset, "steps": self.step, "global batch": self.global_batch,
+                        "learning rate": a.lr, "data": a.data, "DeepSpeed config": a.deepspeed_config,
+                        "ranks": self.world}  # fmt: skip
+            grids = sorted((self.out / "images").glob("samples_*.png"))
+            write_model_card(final, settings, sample_grid=grids[-1] if grids else None)
+        dd.barrier()
+        return final
+
+    def model_blocks(self):
+        return self.model.blocks
+
+    def build_optimizer(self, model):
+        a = self.args
+        lr = a.lr if a.lr is not None else 4.5e-4
+        opt = adamw(
+            param_groups(model, 4.5e-2), self.ds_config, lr=lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2
+        )
+        warmup = a.warmup_steps if a.warmup_steps is not None else max(1, a.steps // 20)
+
+        def factor(s):
+            return (s + 1) / warmup if s < warmup else cosine(s - warmup, a.steps - warmup, 1.0, 0.1)
+
+        return opt, lambda_lr(factor)
+
+    def build_dataset(self):
+        # Held-out combinations (zero-shot evaluation) are a fixed function of the count.
+        self.holdout = holdout_combos(self.args.holdout)
+        if self.rank == 0:
+            atomic_write_text(self.out / "holdout.json", json.dumps([caption_of(c) for c in self.holdout]) + "\n")
+        return SyntheticShapes(
+            self.args.data_size, self.dvae.config.image_size, seed=self.args.seed, exclude=self.holdout
+        )
+
+    def image_size(self) -> int:
+        return self.dvae.config.image_size
+
+    def write_images(self, step: int) -> None:
+        from ..data.text import encode_captions
+        from ..utils.images import save_grid
+
+        if self.zero3 or self.rank != 0:
+            return  # ZeRO-3: parameters are partitioned; sample from the exported weights instead
+        if self.stream is not None:  # captions of the first batch
+            captions = list(dict.fromkeys(self.preview["caption"]))[:4] if self.preview else []
+        else:
+            captions = [caption_of(c) for c in (self.holdout or ALL_COMBOS[:: len(ALL_COMBOS) // 4])[:4]]
+        if not captions:
+            return
+        text = encode_captions(self.tokenizer, captions, self.config).to(self.engine.device)
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        g = torch.Generator().manual_seed(step)
+        codes = module.generate(text.repeat_interleave(4, 0), top_k=8, generator=g)
+        module.train(was_training)
+        images = self.dvae.decode(codes).float()
+        save_grid(images, self.out / "images" / f"samples_{step:08d}.png", nrow=4)
+        atomic_write_text(self.out / "images" / f"samples_{step:08d}.txt", "\n".join(captions) + "\n")
+
+    def compute_loss(self, batch):
+        from ..data.text import encode_captions
+
+        if "text" in batch:  # a stream's batch, tokenized by its data worker
+            text = batch["text"]
+        else:  # dropout decisions a pure function of (seed, rank, micro step): resumed runs repeat them
+            dropout = self.args.bpe_dropout
+            rng = numpy_rng(self.args.seed, BPE_DROPOUT, self.rank, self.micro_step) if dropout > 0 else None
+            text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
+        text = text.to(self.engine.device)
+        codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
+        out = self.engine(text, image_codes=codes)
+        metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
+        return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len

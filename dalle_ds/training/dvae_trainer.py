@@ -1,0 +1,120 @@
+"""The dVAE (image tokenizer) trainer: the paper's recipe on the shared loop."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.synthetic import SyntheticShapes, holdout_combos
+from ..distributed import collectives as dd
+from ..inference.serialization import save_model
+from ..models.config import DVAEConfig
+from ..models.dvae import DiscreteVAE
+from .errors import UsageError
+from .optim import adamw, cosine, lambda_lr
+from .trainer import Trainer
+
+__all__ = ["DVAETrainer"]
+
+
+class DVAETrainer(Trainer):
+    """The paper's dVAE recipe, schedules scaled to the run: tau 1 -> 1/16 and KL weight 0 -> 6.6
+    (cosine), LR cosine, AdamW(0.9, 0.999, 1e-8, wd 1e-4), optional EMA of the weights.
+    A ``quantizer: vq`` config trains with the EMA codebook instead (``--commitment``), its
+    statistics summed over ranks so every rank keeps the same codebook."""
+
+    model_kind = "dvae"
+
+    def build_model(self):
+        if not isinstance(self.config, DVAEConfig):
+            raise UsageError(f"--preset {self.args.preset} is not a dVAE config")
+        if self.args.ema and self.zero3:
+            raise UsageError("--ema needs whole parameters on every rank: use ZeRO stage 0-2 for the dVAE")
+        model = DiscreteVAE(self.config)
+        if model.quantizer is not None and self.world > 1:
+            model.quantizer.collectives = dd.TorchCollectives()
+        self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if self.args.ema else None
+        return model
+
+    def model_blocks(self):
+        return torch.nn.ModuleList()
+
+    def build_optimizer(self, model):
+        a = self.args
+        lr = a.lr if a.lr is not None else 1e-4
+        opt = adamw(model.parameters(), self.ds_config, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+        sched = lambda_lr(lambda s: cosine(s, a.steps, 1.0, a.lr_end / lr))
+        return opt, sched
+
+    def build_dataset(self):
+        # --holdout keeps the same combinations out of the tokenizer as the transformer trainer does.
+        held = holdout_combos(self.args.holdout)
+        return SyntheticShapes(self.args.data_size, self.config.image_size, seed=self.args.seed, exclude=held)
+
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def schedules(self) -> tuple[float, float]:
+        a = self.args
+        tau_steps = a.temperature_steps or a.steps
+        kl_steps = a.kl_steps or max(1, a.steps // 30)
+        return (
+            cosine(self.step, tau_steps, a.temperature_start, a.temperature_end),
+            cosine(self.step, kl_steps, 0.0, a.kl_weight),
+        )
+
+    def compute_loss(self, batch):
+        if "image" not in batch:
+            raise UsageError(f"--data {self.args.data} holds precomputed codes; the dVAE trains on images")
+        a = self.args
+        recon = a.recon_loss
+        if self.config.quantizer == "vq":
+            out = self.engine(batch["image"], commitment=a.commitment, recon_loss=recon)
+            extra = {"commitment": out.commitment.item()}
+        else:
+            tau, beta = self.schedules()
+            out = self.engine(batch["image"], temperature=tau, kl_weight=beta, recon_loss=recon)
+            extra = {"kl": out.kl.item(), "temperature": tau, "kl_weight": beta}
+        codes = out.logits.argmax(1)
+        usage = codes.unique().numel() / self.config.codebook_size
+        metrics = {
+            "loss": out.loss.item(),
+            **({"recon_nll": out.recon_nll.item()} if recon == "logit_laplace" else {}),  # (log b untrained)
+            "mse": F.mse_loss(out.reconstruction, batch["image"].float()).item(),
+            **extra,
+            "codebook_usage": usage,
+        }
+        return out.loss, metrics, codes.numel()
+
+    def after_step(self):
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.engine.module.state_dict().items():
+                    self.ema[k].mul_(self.args.ema_decay).add_(v.float(), alpha=1 - self.args.ema_decay)
+
+    def export(self):
+        final = super().export()
+        if self.ema is not None and self.rank == 0:
+            model = DiscreteVAE(self.config)
+            model.load_state_dict(self.ema)
+            save_model(model, self.out / "final_ema")
+        return final
+
+    def extra_state(self):
+        return {"ema": self.ema} if self.ema is not None else {}
+
+    def load_extra_state(self, state):
+        if self.ema is not None and "ema" in state:
+            self.ema = state["ema"]
+
+    def write_images(self, step: int) -> None:
+        from ..utils.images import save_grid
+
+        if self.preview is None or (self.rank != 0 and not self.zero3):
+            return
+        x = self.preview["image"][:8]
+        module = self.engine.module
+        with torch.no_grad():  # under ZeRO-3 every rank runs this: the forward gathers parameters
+            recon = module.decode(module.encode(x))
+        if self.rank == 0:
+            save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(x))

@@ -118,7 +118,9 @@ def test_every_collective_of_a_training_run_goes_through_one_module_on_the_right
     # Every kind of traffic was seen: the stream's epoch flag, peak memory, sync checks, PowerSGD's
     # gradient reduction and the codebook statistics.
     origins = Counter(Path(row["origin"].split(":")[0]).name for row in rows)
-    assert {"stream.py", "trainer.py", "metrics.py", "checkpointing.py", "powersgd.py", "dvae.py"} <= set(origins), origins
+    assert {"stream.py", "trainer.py", "metrics.py", "checkpointing.py", "powersgd.py", "dvae.py"} <= set(origins), (
+        origins
+    )
     functions = {(Path(r["origin"].split(":")[0]).name, r["function"]) for r in rows}
     assert ("stream.py", "host_all_reduce") in functions and ("powersgd.py", "all_reduce") in functions
     assert ("dvae.py", "all_reduce") in functions and ("trainer.py", "all_gather_object") in functions

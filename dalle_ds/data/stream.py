@@ -32,7 +32,7 @@ import torch
 
 from ..utils.seeding import derive_seed
 from .config import BadSample, DataConfig
-from .sources import _Source, iter_captions  # noqa: F401 - iter_captions: still imported from here by training
+from .sources import _Source
 from .transforms import process
 
 __all__ = ["StreamLoader"]

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from ..data.synthetic import Combo, caption_of, read_attributes
+from ..utils.seeding import derive_seed
 
 __all__ = ["attribute_accuracy", "caption_accuracy", "dvae_metrics", "validation_loss"]
 
@@ -80,7 +81,7 @@ def caption_accuracy(model, tokenizer, combos: list[Combo], per_caption: int = 4
 
     images, order = [], []
     for i, combo in enumerate(combos):
-        imgs, _ = sample_images(model, tokenizer, caption_of(combo), per_caption, seed=seed + i, **sampling)
+        imgs, _ = sample_images(model, tokenizer, caption_of(combo), per_caption, seed=derive_seed(seed, i), **sampling)
         images.append(imgs)
         order += [combo] * per_caption
     images = torch.cat(images)

@@ -86,7 +86,7 @@ class DalleTrainer(Trainer):
             else:  # a quick one from the stream's first captions; train a real one with train_tokenizer.py
                 import itertools
 
-                from ..data.stream import DataConfig, iter_captions
+                from ..data import DataConfig, iter_captions
 
                 source = DataConfig(
                     self.args.data, caption_column=self.args.caption_column, english_only=self.args.english_only

@@ -3,6 +3,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dalle_ds import SparseAttention, block_attention, dense_attention
+from dalle_ds.models.attention import resolve_attention_impl
 
 
 def qkv(batch, heads, n, dim, dtype=torch.float32):
@@ -103,3 +104,48 @@ def test_bad_arguments():
         block_attention(q, k, v, "row", 2, 4)  # 2 + 16 != 10
     with pytest.raises(ValueError, match="impl='flash'"):
         SparseAttention(8, 2, "row", 2, 4, impl="flash")
+    with pytest.raises(ValueError, match="impl='flash'"):
+        resolve_attention_impl("flash", "cpu", 10)
+
+
+@pytest.mark.parametrize(
+    "device_type,seq_len,expected",
+    [
+        ("cpu", 80, "dense"),  # dalle-tiny: 16 + 8x8
+        ("cpu", 97, "dense"),  # dalle-demo: 16 + 9x9
+        ("cpu", 128, "dense"),
+        ("cpu", 129, "block"),
+        ("cpu", 288, "block"),  # dalle-small: 32 + 16x16
+        ("cpu", 1280, "block"),  # the paper's 256 + 32x32
+        ("cuda", 80, "block"),
+        ("cuda", 1280, "block"),
+    ],
+)
+def test_auto_resolves_by_device_and_sequence_length(device_type, seq_len, expected):
+    assert resolve_attention_impl("auto", device_type, seq_len) == expected
+    assert resolve_attention_impl("block", device_type, seq_len) == "block"
+    assert resolve_attention_impl("dense", device_type, seq_len) == "dense"
+
+
+@pytest.mark.parametrize("text_len,grid,expected", [(4, 6, "dense"), (4, 12, "block")])  # 40 and 148 positions
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_auto_module_runs_the_resolved_path_and_equals_dense(monkeypatch, kind, text_len, grid, expected):
+    import dalle_ds.models.attention as attention
+
+    calls = []
+    for name in ("block_attention", "dense_attention"):
+        fn = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
+    torch.manual_seed(0)
+    auto = SparseAttention(32, 4, kind, text_len, grid, conv_kernel=5, impl="auto", block_rows=2)
+    dense = SparseAttention(32, 4, kind, text_len, grid, conv_kernel=5, impl="dense")
+    dense.load_state_dict(auto.state_dict())
+    x = torch.randn(2, text_len + grid * grid, 32, requires_grad=True)
+    calls.clear()
+    out = auto(x)
+    assert calls == [f"{expected}_attention"]
+    ref = dense(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(ref)
+    for ga, gd in zip(grads(out, (x,), w), grads(ref, (x,), w), strict=True):
+        torch.testing.assert_close(ga, gd, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,9 @@ Both compute the same function (see :mod:`dalle_ds.models.masks` for the masks):
   a block needs only its own rows. All blocks go through one batched SDPA call
   with a small per-block mask; no tensor of ``n x n`` (or image x image) scores
   is ever formed.
+
+``auto`` picks one of the two per call from the device and the full sequence length; see
+:func:`resolve_attention_impl`.
 """
 
 from __future__ import annotations
@@ -24,9 +27,45 @@ import torch.nn.functional as F
 
 from .masks import ATTENTION_KINDS, allowed, attention_mask
 
-__all__ = ["ATTENTION_IMPLS", "KVCache", "SparseAttention", "block_attention", "dense_attention", "sparse_attention"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "AUTO_CPU_DENSE_MAX_LEN",
+    "KVCache",
+    "SparseAttention",
+    "block_attention",
+    "dense_attention",
+    "resolve_attention_impl",
+    "sparse_attention",
+]
 
-ATTENTION_IMPLS = ("block", "dense")
+ATTENTION_IMPLS = ("auto", "block", "dense")
+
+AUTO_CPU_DENSE_MAX_LEN = 128
+"""``auto`` on the CPU runs ``dense`` for sequences of at most this many positions, ``block`` above.
+
+Measured with ``scripts/bench_attention.py`` (forward + backward, fp32, 1 thread, the 64-layer
+mix; table in README, Benchmarks): up to 128 positions (the tiny and demo presets are 80 and 97)
+dense was as fast or faster in 6 of 7 runs (block 0.63-1.11x dense's speed); from 137 positions
+block was faster in 5 of 6 (0.93-1.68x), and 2.7x at the paper's 1280."""
+
+
+def resolve_attention_impl(impl: str, device_type: str, seq_len: int) -> str:
+    """What ``impl`` runs as on ``device_type`` for a full sequence of ``seq_len`` (text_len + grid**2).
+
+    ``block`` and ``dense`` stay. ``auto`` on the CPU: ``dense`` when ``seq_len <=
+    AUTO_CPU_DENSE_MAX_LEN`` (one SDPA call beats the block path's gathers on short sequences),
+    else ``block`` (its split-softmax CPU flash kernels); both measured. On any other device
+    (CUDA): ``block`` in its one-SDPA-call form; not timed against dense on a GPU yet, chosen as it
+    computes ~4x fewer scores at the paper's size (64-layer mix) and forms no ``n x n`` tensor.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl={impl!r}: must be one of {ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    if device_type == "cpu":
+        return "dense" if seq_len <= AUTO_CPU_DENSE_MAX_LEN else "block"
+    return "block"
+
 
 _MASK_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -291,16 +330,19 @@ _PLAN_CACHE: dict[tuple, TilePlan] = {}
 def sparse_attention(
     q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11, impl: str = "block", block_rows: int = 2
 ):
-    """Dispatch to an implementation; 'block' falls back to 'dense' for partial sequences."""
+    """Dispatch to an implementation ('auto': :func:`resolve_attention_impl`); 'block' falls back
+    to 'dense' for partial sequences."""
+    impl = resolve_attention_impl(impl, q.device.type, text_len + grid_size**2)
     if impl == "block" and q.shape[-2] == text_len + grid_size**2:
         return block_attention(q, k, v, kind, text_len, grid_size, conv_kernel, block_rows)
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"impl={impl!r}: must be one of {ATTENTION_IMPLS}")
     return dense_attention(q, k, v, kind, text_len, grid_size, conv_kernel)
 
 
 class SparseAttention(nn.Module):
-    """Multi-head self-attention with one of the DALL-E masks (row, column or conv)."""
+    """Multi-head self-attention with one of the DALL-E masks (row, column or conv).
+
+    ``impl``: 'block', 'dense' or 'auto' (resolved per forward from the input's device, see
+    :func:`resolve_attention_impl`)."""
 
     def __init__(
         self,

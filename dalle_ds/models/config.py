@@ -166,7 +166,11 @@ class DalleConfig(_ConfigBase):
     text_loss_weight: float = 1.0 / 8.0
     """Weight of the text cross-entropy (the image one gets 1 - this)."""
     attention_impl: str = "auto"
-    """'block' (sparse blocks, never an n x n score matrix), 'dense' (reference mask) or 'auto'."""
+    """'block' (sparse blocks, never an n x n score matrix), 'dense' (SDPA with the full mask, the
+    reference) or 'auto', which picks per forward from the input's device and seq_len: on the CPU
+    'dense' for seq_len <= 128 and 'block' above (where each was measured faster, README
+    Benchmarks), on CUDA and other devices 'block' (about 4x fewer scores at the paper's size;
+    not yet timed on a GPU). The rule: ``dalle_ds.models.attention.resolve_attention_impl``."""
     block_rows: int = 2
     """Image rows per query tile of row/column layers in the block attention implementation."""
     conv_block_rows: int = 4

@@ -54,7 +54,6 @@ class Block(nn.Module):
 
     def __init__(self, config: DalleConfig, kind: str):
         super().__init__()
-        impl = "dense" if config.attention_impl == "dense" else "block"
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = SparseAttention(
             config.d_model,
@@ -63,7 +62,7 @@ class Block(nn.Module):
             config.text_len,
             config.image_grid,
             config.conv_kernel,
-            impl,
+            config.attention_impl,
             config.conv_block_rows if kind == "conv" else config.block_rows,
             config.dropout,
         )

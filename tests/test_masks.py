@@ -12,7 +12,8 @@ def visible_image_keys(mask, text_len, image_pos_1based):
 
 
 def test_blog_worked_example_row():
-    # DESIGN.md: 6 text tokens, 4x4 grid; image token 8 sees 4, 5, 6, 7 and itself, plus all text.
+    # docs/design.md, "Attention masks": 6 text tokens, 4x4 grid; image token 8 sees 4, 5, 6, 7 and
+    # itself, plus all text.
     m = attention_mask("row", text_len=6, grid_size=4)
     assert m.shape == (22, 22) and m.dtype == torch.bool
     assert visible_image_keys(m, 6, 8) == [4, 5, 6, 7, 8]

@@ -264,7 +264,7 @@ _TINY = {
 
 # Named presets: overrides on the dataclass defaults (which are the paper's 12B model).
 PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
-    # Paper Table 1 and section 4 (DESIGN.md): 64 layers, head size 64.
+    # Paper Table 1 and section 4 (docs/design.md, "Model sizes"): 64 layers, head size 64.
     "dalle-12b": (DalleConfig, {}),
     "dalle-5.6b": (DalleConfig, {"d_model": 2688, "n_heads": 42}),
     "dalle-2.8b": (DalleConfig, {"d_model": 1920, "n_heads": 30}),
@@ -292,7 +292,7 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     # The demo's pair: 36 px images, so each cell of the synthetic set's 3 x 3 layout is exactly
     # 3 x 3 codes and a shape gets the same codes wherever it is drawn; vq, because gumbel training
-    # collapses onto a fraction of the codebook in a few minutes (DESIGN.md section 10).
+    # collapses onto a fraction of the codebook in a few minutes (docs/design.md, "Small runs: gumbel vs VQ").
     "dvae-demo": (
         DVAEConfig,
         {

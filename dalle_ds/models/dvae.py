@@ -2,13 +2,14 @@
 
 Submodule names follow OpenAI's ``dall_e`` package (``blocks.group_1.block_1.res_path.conv_1``)
 so its weights load after renaming ``.w``/``.b`` to ``.weight``/``.bias``
-(see :mod:`dalle_ds.openai_dvae`); outputs then match to float precision.
+(see :func:`dalle_ds.inference.serialization.convert_openai_dvae`); outputs then match to float
+precision.
 
 ``quantizer: vq`` swaps the gumbel relaxation for straight-through vector quantisation with an EMA
 codebook and dead-code restarts (:class:`VectorQuantizer`): the encoder then outputs ``vq_dim``
 channels and the decoder reads codebook vectors. Small runs need it: the gumbel recipe's schedules
 assume hundreds of thousands of steps, and in a few minutes it collapses onto a fraction of the
-codebook (DESIGN.md section 10).
+codebook (``docs/design.md``, "Small runs: gumbel vs VQ").
 
 Likelihood is the logit-Laplace distribution of the paper: pixels are mapped
 into ``[eps, 1 - eps]`` (``map_pixels``) before encoding; the decoder predicts

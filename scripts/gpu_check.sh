@@ -9,4 +9,4 @@ source "$(dirname "$0")/env.sh"
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader || true
 fi
-exec python scripts/gpu_check.py "$@"
+exec python "$(dirname "$0")/gpu_check.py" "$@"

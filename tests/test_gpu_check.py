@@ -13,14 +13,19 @@ from conftest import ROOT
 from dalle_ds import PRESETS, DalleConfig, get_preset
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
+PACKAGE = ROOT / "scripts" / "gpucheck"  # the checks behind the CLI
 
 
-def load_script():
-    if "gpu_check" not in sys.modules:  # registered first: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-        sys.modules["gpu_check"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
+def load(module: str):
+    """``gpucheck.<module>`` from scripts/gpucheck/, without putting scripts/ on sys.path (its file
+    names, e.g. evaluate.py, would shadow installed packages for the rest of the session)."""
+    if "gpucheck" not in sys.modules:  # registered first: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(
+            "gpucheck", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
+        )
+        sys.modules["gpucheck"] = package = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"gpucheck.{module}")
 
 
 def run(*args, env=None, timeout=120):
@@ -48,8 +53,7 @@ def test_without_cuda_it_says_so_and_exits_2(tmp_path):
 
 
 def test_train_runs_use_shipped_configs_that_match_their_names():
-    gc = load_script()
-    for trainer, config, preset, dvae in gc.TRAIN_RUNS:
+    for trainer, config, preset, dvae in load("checks").TRAIN_RUNS:
         data = json.loads((ROOT / "ds_configs" / f"{config}.json").read_text())
         stage, precision = config.split("_")
         assert data["zero_optimization"]["stage"] == int(stage.removeprefix("zero")), config
@@ -62,7 +66,7 @@ def test_train_runs_use_shipped_configs_that_match_their_names():
 
 
 def test_peak_table_and_the_flops_formula():
-    gc = load_script()
+    gc = load("throughput")
     assert gc.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gc.peak_bf16_flops("NVIDIA H200") == 989e12
     assert gc.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
@@ -95,6 +99,14 @@ def test_cpu_smoke_runs_its_checks_and_writes_the_report(tmp_path):
     assert all(r["equal"] for r in by_name["kvcache/fp32"]["details"]["runs"])
     assert by_name["throughput/dalle-tiny"]["details"]["mfu"] is None  # no peak for a CPU
     assert "[PASS] kvcache/fp32" in proc.stdout and "5 passed, 0 failed" in proc.stdout
+    # Results and report are written through atomic_path: no temporary file is left behind.
+    assert not [p.name for p in tmp_path.rglob("*.tmp")]
+
+
+def test_the_cli_is_thin_and_its_modules_small():
+    assert len(SCRIPT.read_text().splitlines()) <= 120
+    big = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not big, f"scripts/gpucheck modules over 400 lines (split them by concern): {big}"
 
 
 @pytest.mark.parametrize("crash", ["attention/fp32"])

@@ -1,0 +1,97 @@
+"""The checks: names, phases, timeouts and the parameters their workers get."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["SAVE_EVERY", "SMOKE_TRAIN_RUNS", "TRAIN_RUNS", "TRAIN_STEPS", "TRAIN_TIMEOUT", "Check", "all_checks"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    phase: str  # "train" checks run in parallel (--jobs); the others one at a time, in order
+    timeout: int  # seconds for the whole worker process
+    about: str
+    params: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+TRAIN_STEPS = 8
+SAVE_EVERY = 4
+TRAIN_TIMEOUT = 300  # the launcher run inside a train worker
+# (trainer, ds_configs/<config>.json, preset, dVAE preset the DALL-E run needs): each preset size
+# runs in both precisions; the small ones at ZeRO-3, where parameters are partitioned.
+TRAIN_RUNS = [
+    ("dvae", "zero2_fp16", "dvae-tiny", None),
+    ("dvae", "zero2_bf16", "dvae-tiny", None),
+    ("dvae", "zero3_fp16", "dvae-small", None),
+    ("dvae", "zero3_bf16", "dvae-small", None),
+    ("dalle", "zero2_fp16", "dalle-tiny", "dvae-tiny"),
+    ("dalle", "zero2_bf16", "dalle-tiny", "dvae-tiny"),
+    ("dalle", "zero3_fp16", "dalle-small", "dvae-small"),
+    ("dalle", "zero3_bf16", "dalle-small", "dvae-small"),
+]
+
+
+# --cpu-smoke: one DALL-E run with the CPU config, for the launcher / metrics / export plumbing.
+SMOKE_TRAIN_RUNS = [("dalle", "cpu_zero2_fp32", "dalle-tiny", "dvae-tiny")]
+
+
+def all_checks(smoke: bool = False) -> list[Check]:
+    checks = []
+    for trainer, config, preset, dvae in SMOKE_TRAIN_RUNS if smoke else TRAIN_RUNS:
+        checks.append(
+            Check(
+                f"train/{trainer}/{config}",
+                "train",
+                TRAIN_TIMEOUT + 120,
+                f"scripts/train_{trainer}.py --preset {preset} with ds_configs/{config}.json under "
+                f"`deepspeed --num_gpus 1`, {TRAIN_STEPS} steps; finite losses, final loads",
+                {"trainer": trainer, "config": config, "preset": preset, "dvae": dvae},
+            )
+        )
+    where = "tiny sizes on the CPU" if smoke else "text 256 + 32x32, CUDA"
+    checks += [
+        Check(
+            "attention/fp32",
+            "attention",
+            120 if smoke else 300,
+            f"block-sparse == dense attention, fp32, row/column/conv ({where})",
+            {"dtype": "float32"},
+        ),
+        Check(
+            "attention/bf16",
+            "attention",
+            120 if smoke else 300,
+            f"block-sparse == dense attention, bf16 (vs bf16 and fp32 dense) ({where})",
+            {"dtype": "bfloat16"},
+        ),
+        Check(
+            "kvcache/fp32",
+            "kvcache",
+            120 if smoke else 300,
+            f"generate(use_cache=True) == use_cache=False token for token, tokens/s "
+            f"({'dalle-tiny, CPU' if smoke else 'dalle-small, CUDA'})",
+        ),
+    ]
+    if smoke:
+        checks.append(
+            Check(
+                "throughput/dalle-tiny",
+                "throughput",
+                120,
+                "dalle-tiny bf16 training steps (autocast + AdamW) on the CPU: the throughput code path",
+                {"preset": "dalle-tiny"},
+            )
+        )
+    else:
+        checks.append(
+            Check(
+                "throughput/dalle-1.3b",
+                "throughput",
+                480,
+                "dalle-1.3b bf16 training steps (autocast + fused AdamW): tokens/s and MFU",
+                {"preset": "dalle-1.3b"},
+            )
+        )
+    return checks

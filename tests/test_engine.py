@@ -127,6 +127,18 @@ def test_activation_checkpointing_gives_the_same_gradients(single_process_group)
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_a_checkpointed_model_still_samples_with_its_kv_cache(single_process_group):
+    """Blocks wrapped for activation checkpointing take the cache argument sampling passes them."""
+    engine = tiny_engine({"activation_checkpointing": {"partition_activations": False}}, checkpointing=True)
+    model = engine.module.eval()
+    text, _ = batch()
+    g = torch.Generator().manual_seed(0)
+    cached = model.generate(text, top_k=4, generator=g)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(cached, model.generate(text, top_k=4, generator=g))
+    assert cached.shape == (text.shape[0], model.config.image_len)
+
+
 def test_zero0_fp16_update_matches_fp32_thanks_to_the_loss_scale_fix(single_process_group, fp16_on_cpu):
     fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
 

@@ -12,7 +12,9 @@ and, where that API has no door, through a few internals, all of them here:
   ``bit16_groups``; ZeRO 0 through ``engine.enable_backward_allreduce``;
 - ``deepspeed.comm.torch.build_shm_op``, not built at start-up (:func:`init_process_group`);
 - checkpoint file names (``mp_rank_00_model_states.pt``) and ``zero_to_fp32`` for export;
-- the activation-checkpointing RNG tracker, saved with every rank's RNG state.
+- the activation-checkpointing RNG tracker, saved with every rank's RNG state;
+- the optimizers an engine steps (``basic_optimizer``, ZeRO-3's ``backup_optimizer``), whose ``step``
+  per-resblock gradient scaling turns into a no-op to skip an update (:func:`inner_optimizers`).
 
 :func:`check_version` runs when the process group is created: outside the supported range it stops
 with the range, and an internal that moved raises :class:`DeepSpeedInternalsError` naming it. Upgrading
@@ -44,6 +46,7 @@ __all__ = [
     "fp32_state_dict",
     "gathered",
     "init_process_group",
+    "inner_optimizers",
     "loss_scale",
     "model_states_path",
     "rng_tracker_states",
@@ -211,10 +214,10 @@ def apply_activation_checkpointing(blocks: torch.nn.ModuleList, ds_config: dict[
             continue
         inner = block.forward
 
-        def forward(x, _inner=inner):
-            if torch.is_grad_enabled() and x.requires_grad:
+        def forward(x, *args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled() and x.requires_grad and not args and not kwargs:
                 return deepspeed.checkpointing.checkpoint(_inner, x)
-            return _inner(x)
+            return _inner(x, *args, **kwargs)  # no grad (e.g. sampling with a KV cache): nothing to save
 
         block.forward = forward
         block._dalle_ds_checkpointed = True
@@ -335,6 +338,18 @@ def attach_comm_hook(engine, hook) -> None:
 
     opt.gradient_reduction_w_predivide = reduce_bucket
     engine._dalle_ds_comm_hook = hook
+
+
+def inner_optimizers(engine) -> list:
+    """The optimizers that change parameters and moments when the engine steps: the client optimizer
+    (``engine.basic_optimizer``, which ZeRO 1-3 wrap and call) and ZeRO-3's ``backup_optimizer``
+    (partial optimizer offload). Making their ``step`` a no-op skips an update while the engine's
+    own bookkeeping (gradient norm, partition copies, zero_grad) still runs."""
+    found = [_internal(engine, "basic_optimizer", "skipping an update (per-resblock gradient scaling)")]
+    backup = getattr(engine.optimizer, "backup_optimizer", None)
+    if backup is not None:
+        found.append(backup)
+    return [opt for opt in found if opt is not None]
 
 
 def write_monitor(engine, events: list[tuple[str, float, int]]) -> None:

@@ -26,7 +26,7 @@ __all__ = [
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 # Sections dalle-ds reads itself; DeepSpeed ignores unknown top-level keys, but we strip them anyway
 # so the engine sees only its own schema.
-OWN_SECTIONS = ("communication_hook",)
+OWN_SECTIONS = ("communication_hook", "per_resblock_grad_scaling")
 
 
 class DeepSpeedConfigError(ValueError):

@@ -13,6 +13,7 @@ from ..distributed import ds_adapter
 from ..distributed.ds_config import DeepSpeedConfigError
 from ..models.config import ConfigError
 from .errors import TrainingStopped, UsageError
+from .grad_scaling import GradScalingConfigError
 
 __all__ = ["base_arg_parser", "dalle_arg_parser", "dvae_arg_parser", "exit_process", "main_dalle", "main_dvae"]
 
@@ -101,11 +102,15 @@ def main_dalle(argv=None) -> int:
     return _run(DalleTrainer, dalle_arg_parser().parse_args(argv))
 
 
+STOPS = (UsageError, ConfigError, DeepSpeedConfigError, GradScalingConfigError, TrainingStopped)
+"""Errors that end a run with a message and exit status 2 (bad arguments or configs, a stopped run)."""
+
+
 def _run(cls, args) -> int:
     try:
         cls(args).run()
         code = 0
-    except (UsageError, ConfigError, DeepSpeedConfigError, TrainingStopped) as err:  # raised on every rank alike
+    except STOPS as err:  # raised on every rank alike
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
     # Tear the process groups down before the interpreter does: gloo work left to exit-time

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ from ..utils.seeding import derive_seed
 from .checkpointing import Checkpointer, export_checkpoint
 from .errors import TrainingStopped, UsageError
 from .faults import Faults
+from .grad_scaling import ResblockGradScaler, ResblockScalingConfig, install_resblock_scaling, skipping_step
 from .metrics import MetricsLog, peak_rss_mb_all_ranks
 
 __all__ = ["Trainer"]
@@ -104,6 +106,7 @@ class Trainer(abc.ABC):
         self.model = self.build_model()
         if self.rank == 0:
             save_config(self.config, self.out / "model_config.yaml")
+        self.scaler = self.install_grad_scaling()  # before activation checkpointing wraps the blocks
         self.checkpointed = ds_adapter.apply_activation_checkpointing(self.model_blocks(), self.ds_config)
         optimizer, scheduler = self.build_optimizer(self.model)
         self.engine, self.optimizer, self.scheduler = ds_adapter.build_engine(
@@ -112,7 +115,22 @@ class Trainer(abc.ABC):
         self.comm_hook = build_comm_hook(self.raw_ds_config.get("communication_hook"))
         if self.comm_hook is not None:
             ds_adapter.attach_comm_hook(self.engine, self.comm_hook)
+            if self.scaler is not None:  # updates the scaler skips: stage the hook's residuals
+                self.comm_hook.skips_non_finite = True
         self.on_engine()
+
+    def install_grad_scaling(self) -> ResblockGradScaler | None:
+        """Per-resblock gradient scaling when the DeepSpeed JSON has an enabled
+        ``per_resblock_grad_scaling`` section (``training/grad_scaling``); None otherwise."""
+        config = ResblockScalingConfig.from_ds_config(self.raw_ds_config)
+        if config is None or not config.enabled:
+            return None
+        if not self.model_blocks():
+            raise UsageError(
+                f"{self.args.deepspeed_config}: per_resblock_grad_scaling applies to the transformer's residual "
+                f"blocks; the {self.model_kind} trainer has none: remove the section"
+            )
+        return install_resblock_scaling(self.model, config, world_size=self.world)
 
     def setup_data(self) -> None:
         """The synthetic set in a seeded epoch order, or a stream of image-text shards."""
@@ -211,6 +229,8 @@ class Trainer(abc.ABC):
             "model_config": self.config.to_dict(),
             "samples_seen": self.step * self.global_batch,
         }
+        if self.scaler is not None:  # every block's scale and counters (the same on every rank)
+            client["grad_scaling"] = self.scaler.state_dict()
         rank_state = {}
         if self.comm_hook is not None:  # error-feedback buffers and Q's differ per rank
             rank_state["comm_hook"] = self.comm_hook.state_dict()
@@ -234,6 +254,8 @@ class Trainer(abc.ABC):
         if client["world_size"] != self.world:
             self.log(f"resuming {tag} written by {client['world_size']} ranks on {self.world}: data order changes")
         self.step, self.bad_steps = client["step"], client["bad_steps"]
+        if self.scaler is not None and "grad_scaling" in client:
+            self.scaler.load_state_dict(client["grad_scaling"], device=self.engine.device)
         if self.comm_hook is not None and "comm_hook" in rank_state:  # residuals and Q's: on this rank's device
             self.comm_hook.load_state_dict(rank_state["comm_hook"], device=self.engine.device)
         if self.stream is not None and "data" in rank_state:
@@ -294,17 +316,23 @@ class Trainer(abc.ABC):
         totals: dict[str, float] = {}
         tokens = 0
         skipped_before = ds_adapter.skipped_steps(self.engine)
+        scaler_skipped = False
         for m in range(self.accum):
             self.micro_step = self.step * self.accum + m
             loss, metrics, n_tok = self.compute_loss(self.batch(self.micro_step))
             ds_adapter.backward(self.engine, self.faults.loss(loss, self.step + 1))
-            self.engine.step()
+            if self.scaler is not None and m == self.accum - 1:
+                scaler_skipped = self.scaler_step()
+            else:
+                self.engine.step()
             tokens += n_tok
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / self.accum
         self.step += 1
-        skipped = ds_adapter.skipped_steps(self.engine) - skipped_before  # fp16 overflow: update not applied
-        comm = self.after_update(bool(skipped))
+        ds_skipped = ds_adapter.skipped_steps(self.engine) > skipped_before  # fp16 overflow: update not applied
+        if ds_skipped:
+            ds_adapter.after_skipped_step(self.engine)
+        comm = self.after_update(ds_skipped or scaler_skipped)
         self.faults.after_step(self.step, self.rank)
         elapsed = time.perf_counter() - t0
         record = {
@@ -312,19 +340,34 @@ class Trainer(abc.ABC):
             **{k: round(v, 6) for k, v in totals.items()},
             "lr": self.scheduler.get_last_lr()[0] if self.scheduler else None,
             "loss_scale": ds_adapter.loss_scale(self.engine),
-            "skipped": bool(skipped),
-            "skipped_steps": ds_adapter.skipped_steps(self.engine),
+            "skipped": ds_skipped or scaler_skipped,
+            "skipped_steps": ds_adapter.skipped_steps(self.engine) + (self.scaler.skipped if self.scaler else 0),
             "tokens_per_s": round(tokens * self.world / elapsed, 1),
             "peak_rss_mb": peak_rss_mb_all_ranks(),
         }
         if comm is not None:  # this rank's gradient traffic this step vs a plain fp32 all-reduce
             record.update(comm_bytes=comm[0], comm_bytes_plain=comm[1])
+        if self.scaler is not None:  # min / median / max block scale, updates and skipped updates
+            record.update(self.scaler.stats())
         return record
+
+    def scaler_step(self) -> bool:
+        """The accumulation boundary under per-resblock scaling: every rank learns whether any block's
+        gradient was non-finite (one all-reduce, one host sync), the engine steps with its optimizers'
+        updates turned into no-ops if so, and the block scales grow or back off. Returns whether the
+        update was skipped."""
+        skip = self.scaler.check(all_reduce=lambda flags: dd.all_reduce(flags, op="max"))
+        with contextlib.ExitStack() as stack:
+            for optimizer in ds_adapter.inner_optimizers(self.engine):
+                stack.enter_context(skipping_step(optimizer, skip))
+            self.engine.step()
+        self.scaler.update()
+        if skip:
+            self.log(f"step {self.step + 1}: non-finite gradients in {self.scaler.last_nonfinite}; update skipped")
+        return skip
 
     def after_update(self, skipped: bool) -> tuple[int, int] | None:
         """Bookkeeping once the engine stepped (or skipped); returns the hook's (bytes sent, plain)."""
-        if skipped:
-            ds_adapter.after_skipped_step(self.engine)
         comm = None
         if self.comm_hook is not None:
             now = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)

@@ -1,214 +1,23 @@
-"""Per-resblock gradient scaling for fp16 training (DALL-E paper, Appendix D).
-
-One global loss scale cannot serve a deep pre-norm transformer in fp16: the gradients of the
-later res blocks are orders of magnitude larger than those of the earlier ones, so any single
-scale either overflows late blocks or underflows early ones. Instead every res block (each
-transformer layer has two: the attention branch and the MLP branch) gets its own scale ``s_k``:
-
-- the gradient enters the fp16 branch multiplied by ``s_k`` (a boundary at the branch's output)
-  and leaves it divided by ``s_k`` (a boundary at the branch's input), where Inf/NaN entries are
-  zeroed and the branch is flagged; the identity (residual) path and the stream between branches
-  carry unscaled fp32 gradients;
-- the branch's parameter gradients are divided by ``s_k`` in fp32 (a tensor hook per parameter,
-  which runs before the gradient is accumulated into ``.grad`` and before DeepSpeed's reduction
-  hooks), non-finite entries zeroed and the branch flagged. DeepSpeed, PowerSGD and gradient
-  clipping only ever see unscaled, finite gradients;
-- ``s_k`` starts at ``M * 2**13`` (M: data-parallel ranks), grows by ``2**(1/1000)`` after every
-  clean update and is divided by ``sqrt(2)`` when branch k produced a non-finite gradient, at most
-  once per 125 updates per branch; the update is skipped whenever any gradient was non-finite.
-  Scales are clamped to ``[M * 2**7, M * 2**24]``.
-
-Precision scheme (AMP-style). Module parameters stay fp32. The scaler wraps each transformer
-block's ``forward`` in ``torch.autocast(..., dtype=torch.float16)``, so the branches' matmuls run
-in fp16 while LayerNorms, the residual stream (an fp16 branch output is cast to fp32 at its output
-boundary before the residual add), the embeddings and the head (``ln_f``, the unembedding and the
-logits) run in fp32, as the paper keeps them. Parameter gradients arrive in fp32 (the backward of
-autocast's weight cast), where they are unscaled exactly. The trainer must NOT wrap the model's
-forward in fp16 autocast itself: that would make the unembedding matmul, which ``F.linear`` casts
-to fp16 under autocast, produce fp16 logits with unscaled gradients (the paper computes logits in
-fp32). Non-block parameters (embeddings, ``ln_f``, unembeddings) form one unscaled segment,
-``"rest"``: their gradients are only checked, filtered and flagged.
-
-Use in a trainer (DeepSpeed's own ``fp16`` / ``bf16`` sections must be off: the engine runs fp32)::
-
-    cfg = ResblockScalingConfig.from_ds_config(ds_config)           # None when the section is absent
-    scaler = install_resblock_scaling(model, cfg, world_size=M)      # 1. before activation checkpointing
-    ds_adapter.apply_activation_checkpointing(model.blocks, ...)     # 2. wraps the autocast forward
-    engine = deepspeed.initialize(model=model, ...)                  # 3. hooks survive .to(device)
-    for step ...:
-        for micro_batch ...:
-            engine.backward(engine(...).loss)                        # no autocast, no loss scaling here
-        skip = scaler.check(all_reduce=lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))  # 1 host sync
-        with skipping_step(engine.basic_optimizer, skip):            # inner optimizer: step is a no-op
-            engine.step()                                            # zero_grad etc. still run
-        scaler.update()                                              # grow / back off, reset the flags
-        metrics.update(scaler.stats())
-    checkpoint client state: scaler.state_dict(); on resume scaler.load_state_dict(state, device)
-
-Activation checkpointing (``deepspeed.checkpointing`` or ``torch.utils.checkpoint``) that wraps
-``block.forward`` must be applied AFTER :func:`install_resblock_scaling`: the autocast context is
-entered inside the wrapped forward, so a block recomputed in backward runs in fp16 exactly as its
-forward did (DeepSpeed's checkpoint does not restore autocast state). Installing on a block whose
-``forward`` is already wrapped raises :class:`GradScalingError`.
-
-Limits the trainer has to handle (DeepSpeed does not know a step was skipped): the engine's LR
-scheduler and ``global_steps`` still advance on a skipped step; a PowerSGD hook commits its error
-feedback for the (filtered) gradients of a skipped step unless told to stage it; ZeRO-3 with partial
-optimizer offload steps a second inner optimizer (``engine.optimizer.backup_optimizer``), which
-:func:`skipping_step` must patch as well. The flags live until :meth:`ResblockGradScaler.update`:
-save checkpoints between steps.
-"""
+"""The scaler: autograd boundaries around each res block, parameter-gradient hooks, the step protocol
+(check, update) and its state. See the package docstring for the scheme."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 import statistics
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = [
-    "GradScalingConfigError",
-    "GradScalingError",
-    "ResblockGradScaler",
-    "ResblockScalingConfig",
-    "SkippedStep",
-    "install_resblock_scaling",
-    "skipping_step",
-]
+from .config import ResblockScalingConfig
 
-SECTION = "per_resblock_grad_scaling"
-"""The DeepSpeed-JSON section :meth:`ResblockScalingConfig.from_ds_config` reads."""
-
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-class GradScalingConfigError(ValueError):
-    """A ``per_resblock_grad_scaling`` key or value is invalid; the message names it."""
+__all__ = ["GradScalingError", "ResblockGradScaler"]
 
 
 class GradScalingError(RuntimeError):
     """The scaler cannot be installed or used as asked (wrong parameter dtype, wrong call order...)."""
-
-
-# --- configuration --------------------------------------------------------------------------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class ResblockScalingConfig:
-    """Settings of per-resblock gradient scaling; the defaults are the paper's (Appendix D).
-
-    Scales are ``M * 2**power`` with M the data-parallel ranks, given at build time.
-    """
-
-    enabled: bool = True
-    """Whether the trainer uses per-resblock scaling at all."""
-    initial_scale_power: float = 13
-    """Every scale starts at ``M * 2**initial_scale_power``."""
-    min_scale_power: float = 7
-    """Scales never fall below ``M * 2**min_scale_power``."""
-    max_scale_power: float = 24
-    """Scales never exceed ``M * 2**max_scale_power``."""
-    doubling_interval: int = 1000
-    """Clean updates per doubling: every clean update multiplies each scale by ``2**(1/doubling_interval)``."""
-    backoff_factor: float = math.sqrt(2)
-    """A branch that produced a non-finite gradient has its scale divided by this."""
-    backoff_cooldown: int = 125
-    """A branch's scale is divided at most once per this many updates (counting skipped ones); the
-    update itself is skipped on every non-finite gradient. 0 or 1: no cooldown."""
-    compute_dtype: str = "float16"
-    """dtype the transformer blocks run in under autocast: 'float16', or 'float32' (autocast off:
-    for tests, where scaling must not change the gradients beyond rounding)."""
-
-    def __post_init__(self):
-        def require(cond: bool, key: str, why: str) -> None:
-            if not cond:
-                raise GradScalingConfigError(f"{SECTION}.{key}={getattr(self, key)!r}: {why}")
-
-        require(isinstance(self.enabled, bool), "enabled", "must be true or false")
-        for key in ("initial_scale_power", "min_scale_power", "max_scale_power"):
-            require(_is_number(getattr(self, key)), key, "must be a finite number")
-        require(
-            self.min_scale_power <= self.initial_scale_power,
-            "initial_scale_power",
-            f"must be >= min_scale_power={self.min_scale_power!r}",
-        )
-        require(
-            self.initial_scale_power <= self.max_scale_power,
-            "initial_scale_power",
-            f"must be <= max_scale_power={self.max_scale_power!r}",
-        )
-        require(_is_int(self.doubling_interval) and self.doubling_interval >= 1, "doubling_interval", "must be >= 1")
-        require(_is_number(self.backoff_factor) and self.backoff_factor > 1, "backoff_factor", "must be a number > 1")
-        require(
-            _is_int(self.backoff_cooldown) and self.backoff_cooldown >= 0,
-            "backoff_cooldown",
-            "must be an integer >= 0",
-        )
-        require(self.compute_dtype in _DTYPES, "compute_dtype", f"must be one of {sorted(_DTYPES)}")
-
-    @property
-    def growth_factor(self) -> float:
-        return 2.0 ** (1.0 / self.doubling_interval)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self.compute_dtype]
-
-    def scale_bounds(self, world_size: int) -> tuple[float, float, float]:
-        """(initial, min, max) scale for ``world_size`` data-parallel ranks."""
-        M = float(world_size)
-        return (
-            M * 2.0**self.initial_scale_power,
-            M * 2.0**self.min_scale_power,
-            M * 2.0**self.max_scale_power,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_section(cls, section: dict[str, Any]) -> ResblockScalingConfig:
-        """Build from the ``per_resblock_grad_scaling`` section's dict; unknown keys raise."""
-        if not isinstance(section, dict):
-            raise GradScalingConfigError(f"{SECTION}: expected a mapping of keys, got {type(section).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in section:
-            if key not in known:
-                raise GradScalingConfigError(
-                    f"{SECTION}.{key}={section[key]!r}: unknown key; known keys: {sorted(known)}"
-                )
-        return cls(**section)
-
-    @classmethod
-    def from_ds_config(cls, ds_config: dict[str, Any]) -> ResblockScalingConfig | None:
-        """The section of a DeepSpeed config dict, or None when it is absent. When enabled, DeepSpeed's
-        own ``fp16`` / ``bf16`` must be off (the engine must keep fp32 parameters), else this raises."""
-        if SECTION not in ds_config:
-            return None
-        config = cls.from_section(ds_config[SECTION])
-        if config.enabled:
-            for other in ("fp16", "bf16"):
-                section = ds_config.get(other)
-                if isinstance(section, dict) and section.get("enabled", False) not in (False, "auto"):
-                    raise GradScalingConfigError(
-                        f"{other}.enabled={section.get('enabled')!r}: must be false with {SECTION}.enabled=true "
-                        f"(the scaler runs fp16 compute over fp32 parameters; DeepSpeed's {other} would cast them)"
-                    )
-        return config
 
 
 # --- autograd boundaries --------------------------------------------------------------------------
@@ -276,7 +85,7 @@ class ResblockGradScaler:
     """
 
     def __init__(self, config: ResblockScalingConfig, world_size: int = 1):
-        if not _is_int(world_size) or world_size < 1:
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise GradScalingError(f"world_size={world_size!r}: must be a positive integer (data-parallel ranks)")
         self.config = config
         self.world_size = world_size
@@ -539,72 +348,3 @@ class ResblockGradScaler:
             self._flags = None
             self._device_state(torch.device(device))
         self._sync_device()
-
-
-# --- installation on DALL-E -----------------------------------------------------------------------
-
-
-def install_resblock_scaling(
-    model: nn.Module, config: ResblockScalingConfig, world_size: int = 1
-) -> ResblockGradScaler:
-    """Per-resblock scaling on a DALL-E model: each of ``model.blocks`` (``x + attn(ln_1(x))``, then
-    ``x + mlp(ln_2(x))``) runs under autocast and gets two branches, ``blocks.{i}.attn`` and
-    ``blocks.{i}.mlp``; every other trainable parameter (embeddings, ``ln_f``, unembeddings) is the
-    unscaled segment ``rest``. Call before activation checkpointing and before ``deepspeed.initialize``;
-    parameters must be fp32."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or len(blocks) == 0:
-        raise GradScalingError(f"{type(model).__name__} has no .blocks to scale")
-    scaler = ResblockGradScaler(config, world_size)
-    for i, block in enumerate(blocks):
-        missing = [n for n in ("ln_1", "attn", "ln_2", "mlp") if not hasattr(block, n)]
-        if missing:
-            raise GradScalingError(f"blocks[{i}] ({type(block).__name__}) lacks {missing}")
-        scaler.autocast_forward(block)
-        scaler.add_branch(
-            f"blocks.{i}.attn", block.ln_1, block.attn, [*block.ln_1.parameters(), *block.attn.parameters()]
-        )
-        scaler.add_branch(f"blocks.{i}.mlp", block.ln_2, block.mlp, [*block.ln_2.parameters(), *block.mlp.parameters()])
-        if any(p.requires_grad and id(p) not in scaler._param_ids for p in block.parameters()):
-            raise GradScalingError(f"blocks[{i}] has trainable parameters outside ln_1/attn/ln_2/mlp")
-    scaler.add_unscaled("rest", [p for p in model.parameters() if id(p) not in scaler._param_ids])
-    return scaler
-
-
-# --- skipping an optimizer step -------------------------------------------------------------------
-
-
-@dataclass
-class SkippedStep:
-    """What :func:`skipping_step` yields: how often the optimizer's ``step`` was called (and ignored)."""
-
-    skip: bool
-    calls: int = 0
-
-
-@contextlib.contextmanager
-def skipping_step(optimizer: Any, skip: bool = True) -> Iterator[SkippedStep]:
-    """Within the block, ``optimizer.step(...)`` does nothing when ``skip`` (an instance attribute
-    shadows the method; any earlier instance-level ``step``, e.g. an LR scheduler's wrapper, is put
-    back on exit). Patch the INNER optimizer (``engine.basic_optimizer``: torch AdamW, DeepSpeedCPUAdam),
-    which DeepSpeed's ZeRO optimizers call, so their bookkeeping (gradient norm, partition copies,
-    zero_grad) still runs while parameters and Adam moments stay unchanged."""
-    record = SkippedStep(skip)
-    if not skip:
-        yield record
-        return
-    own = vars(optimizer)
-    had, previous = "step" in own, own.get("step")
-
-    def skipped_step(*args, **kwargs):
-        record.calls += 1
-        return None
-
-    optimizer.step = skipped_step
-    try:
-        yield record
-    finally:
-        if had:
-            optimizer.step = previous
-        else:
-            del optimizer.step

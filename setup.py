@@ -27,7 +27,7 @@ setup(
         "tqdm>=4.60",
         "packaging>=23",
         "numpy>=1.24",
-        "pyarrow>=12",  # Parquet shards read per file (dalle_ds/data.py); also a dependency of datasets
+        "pyarrow>=12",  # Parquet shards read per file (dalle_ds/data/shards.py); also a dependency of datasets
         "py3langid>=0.4",  # the optional English-caption filter; its model ships inside the wheel
     ],
     extras_require={

@@ -266,3 +266,23 @@ def test_dockerfile_build_stage_compiles_cpu_adam_for_the_cuda_accelerator(tmp_p
         info = z.read("deepspeed/git_version_info_installed.py").decode()
         assert any(n.startswith("deepspeed/ops/adam/cpu_adam_op") and n.endswith(".so") for n in z.namelist())
     assert "accelerator_name='cuda'" in info and "'cpu_adam': 1" in info, info
+
+
+def test_module_paths_of_earlier_releases_still_import_with_a_warning():
+    """Model cards on the hub say `from dalle_ds.hub import from_pretrained`; hostfile scripts run
+    `python -m dalle_ds.cluster`."""
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "try:\n    from dalle_ds.hub import from_pretrained\nexcept DeprecationWarning as w:\n    print(w)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import dalle_ds.hub, dalle_ds.inference.hub, dalle_ds.config, dalle_ds.models.config\n"
+        "assert dalle_ds.hub is dalle_ds.inference.hub and dalle_ds.config is dalle_ds.models.config\n"
+        "from dalle_ds.checkpoint import export_checkpoint\n"
+        "from dalle_ds.training.checkpointing import export_checkpoint as new\n"
+        "assert export_checkpoint is new\n"
+    )
+    proc = run("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dalle_ds.hub moved to dalle_ds.inference.hub" in proc.stdout
+    cli = run("-m", "dalle_ds.cluster", "--help")
+    assert cli.returncode == 0 and "--deepspeed_config" in cli.stdout, cli.stderr[-2000:]

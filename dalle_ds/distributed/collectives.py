@@ -100,7 +100,7 @@ def host_group():
     if _HOST_GROUP is None and is_initialized() and "cpu" not in _device_types(None):
         raise RuntimeError(
             f"the default process group ({dist.get_backend_config()}) has no CPU backend and "
-            f"dalle_ds.distributed.init_distributed did not create it: initialise through it, or with "
+            f"dalle_ds.distributed.collectives.init_distributed did not create it: initialise through it, or with "
             f'a per-device backend such as "cuda:nccl,cpu:gloo"'
         )
     return _HOST_GROUP

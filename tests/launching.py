@@ -119,11 +119,12 @@ def losses(out: Path) -> list[float]:
 
 def crash_and_resume(script, args, faults, check_crashed=lambda out: None, **launch_kw):
     """Run until the injected failure (``faults``, see :func:`launch`) kills a rank, check the wreck,
-    relaunch with --resume."""
+    relaunch with --resume (with the same faults but the kill)."""
     out = Path(args[args.index("--output-dir") + 1])
     crashed = launch(script, *args, faults=faults, **launch_kw)
     assert crashed.returncode != 0
     check_crashed(out)
-    resumed = launch(script, *args, "--resume", **launch_kw)
+    again = {k: v for k, v in faults.items() if not k.startswith("kill_")}
+    resumed = launch(script, *args, "--resume", faults=again, **launch_kw)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return resumed

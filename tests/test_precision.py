@@ -56,6 +56,8 @@ def dvae_args(out, config, *extra):
 
 def args_for(name, workdir, dvae_dir, out, *extra):
     trainer, config, changes = MATRIX[name]
+    if "fp16" in config:  # start the dynamic scale lower than the shipped 2^16: 6 steps leave little time to settle
+        changes = {**changes, "fp16": {"initial_scale_power": 12}}
     cfg = shipped_config(workdir, config, **changes)
     if trainer == "dalle":
         return "train_dalle.py", train_args(dvae_dir, out, cfg, *extra)
@@ -65,11 +67,17 @@ def args_for(name, workdir, dvae_dir, out, *extra):
 _runs: dict[str, object] = {}
 
 
+def overflow(name):
+    """fp16 runs overflow in step 5 (an inf loss): after the kill below, the first step of the resumed
+    run is a skipped one, the case DeepSpeed 0.19's ZeRO-3 gets wrong (ds_adapter.after_skipped_step)."""
+    return {"overflow_at_step": 5} if "fp16" in name else {}
+
+
 def reference_run(name, workdir, dvae_dir):
     if name not in _runs:
         out = workdir / f"prec_{name}"
         script, args = args_for(name, workdir, dvae_dir, out, "--check-sync")
-        proc = launch(script, *args, fp16_on_cpu="fp16" in name)
+        proc = launch(script, *args, fp16_on_cpu="fp16" in name, faults=overflow(name))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         _runs[name] = out
     return _runs[name]
@@ -79,13 +87,13 @@ def reference_run(name, workdir, dvae_dir):
 def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
     out = reference_run(name, workdir, dvae_dir)
     rows = metrics(out)
-    values = [r["loss"] for r in rows]
-    assert len(values) == STEPS and all(math.isfinite(v) for v in values), values
+    values = [r["loss"] for r in rows if r["step"] != 5 or not overflow(name)]
+    assert len(rows) == STEPS and all(math.isfinite(v) for v in values), values
     applied = [r["loss"] for r in rows if not r["skipped"]]
     assert len(applied) >= 3, rows  # fp16 may skip its first steps while the loss scale settles
     assert sum(values[-2:]) / 2 < values[0] - 0.05, values
     if "fp16" in name:
-        assert all(r["loss_scale"] >= 1 for r in rows)
+        assert all(r["loss_scale"] >= 1 for r in rows) and rows[4]["skipped"]
         assert rows[-1]["skipped_steps"] == sum(r["skipped"] for r in rows)
     else:
         assert all(r["loss_scale"] is None and not r["skipped"] for r in rows)
@@ -100,12 +108,12 @@ def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
 
     crashed = workdir / f"prec_{name}_crash"
     script, args = args_for(name, workdir, dvae_dir, crashed)
-    resumed = crash_and_resume(script, args, {"kill_after_step": 5}, fp16_on_cpu="fp16" in name)
+    resumed = crash_and_resume(script, args, {"kill_after_step": 5, **overflow(name)}, fp16_on_cpu="fp16" in name)
     assert "resumed from step00000004" in resumed.stdout
     got = metrics(crashed)
     assert [r["skipped"] for r in got] == [r["skipped"] for r in rows]
     assert [r["loss_scale"] for r in got] == [r["loss_scale"] for r in rows]
-    torch.testing.assert_close(torch.tensor(losses(crashed)), torch.tensor(values), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses(crashed)), torch.tensor(losses(out)), rtol=1e-6, atol=1e-6)
 
 
 # --- the frozen dVAE of the DALL-E trainer -------------------------------------------------------

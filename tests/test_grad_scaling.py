@@ -296,7 +296,7 @@ def test_scales_are_clamped():
 
 def test_world_size_scales_the_bounds_and_flags_are_reduced_over_ranks():
     model = tiny(1)
-    scaler = install_resblock_scaling(model, ResblockScalingConfig(), world_size=4)
+    scaler = install_resblock_scaling(model, ResblockScalingConfig(scale_with_ranks=True), world_size=4)
     assert set(scaler.scales.values()) == {4 * 2.0**13}
     assert (scaler.min_scale, scaler.max_scale) == (4 * 2.0**7, 4 * 2.0**24)
     model(*batch()).loss.backward()
@@ -474,7 +474,9 @@ def test_update_needs_check_first():
 
 def test_config_defaults_are_the_papers_and_errors_name_the_key():
     cfg = ResblockScalingConfig.from_section({"enabled": True})
-    assert cfg.scale_bounds(8) == (8 * 2.0**13, 8 * 2.0**7, 8 * 2.0**24)
+    assert cfg.scale_bounds(8) == (2.0**13, 2.0**7, 2.0**24)  # the equivalent of M * 2^k under DeepSpeed's mean
+    paper = ResblockScalingConfig.from_section({"scale_with_ranks": True})
+    assert paper.scale_bounds(8) == (8 * 2.0**13, 8 * 2.0**7, 8 * 2.0**24)
     assert cfg.growth_factor == 2 ** (1 / 1000) and cfg.backoff_factor == math.sqrt(2)
     assert cfg.backoff_cooldown == 125 and cfg.dtype == torch.float16
     for section, match in [

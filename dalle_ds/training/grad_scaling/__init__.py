@@ -13,7 +13,8 @@ transformer layer has two: the attention branch and the MLP branch) gets its own
   which runs before the gradient is accumulated into ``.grad`` and before DeepSpeed's reduction
   hooks), non-finite entries zeroed and the branch flagged. DeepSpeed, PowerSGD and gradient
   clipping only ever see unscaled, finite gradients;
-- ``s_k`` starts at ``M * 2**13`` (M: data-parallel ranks), grows by ``2**(1/1000)`` after every
+- ``s_k`` starts at ``M * 2**13`` (M: data-parallel ranks with ``scale_with_ranks``, else 1: see
+  :class:`ResblockScalingConfig`), grows by ``2**(1/1000)`` after every
   clean update and is divided by ``sqrt(2)`` when branch k produced a non-finite gradient, at most
   once per 125 updates per branch; the update is skipped whenever any gradient was non-finite.
   Scales are clamped to ``[M * 2**7, M * 2**24]``.

@@ -52,6 +52,13 @@ class ResblockScalingConfig:
     backoff_cooldown: int = 125
     """A branch's scale is divided at most once per this many updates (counting skipped ones); the
     update itself is skipped on every non-finite gradient. 0 or 1: no cooldown."""
+    scale_with_ranks: bool = False
+    """Multiply the three scale bounds by M, the data-parallel ranks, as the paper's formula does. The
+    paper's per-GPU gradients are M times smaller than DeepSpeed's (each rank here differentiates its
+    local mean loss and DeepSpeed averages over ranks), so M = 1 is the equivalent setting: the same
+    scales at any rank count. With M it would start at 2^17-2^20 on 16-128 ranks, where the bench
+    (scripts/bench_grad_scaling.py) shows activation gradients already overflowing and the 125-update
+    cooldown then skips update after update."""
     compute_dtype: str = "float16"
     """dtype the transformer blocks run in under autocast: 'float16', or 'float32' (autocast off:
     for tests, where scaling must not change the gradients beyond rounding)."""
@@ -62,6 +69,7 @@ class ResblockScalingConfig:
                 raise GradScalingConfigError(f"{SECTION}.{key}={getattr(self, key)!r}: {why}")
 
         require(isinstance(self.enabled, bool), "enabled", "must be true or false")
+        require(isinstance(self.scale_with_ranks, bool), "scale_with_ranks", "must be true or false")
         for key in ("initial_scale_power", "min_scale_power", "max_scale_power"):
             require(_is_number(getattr(self, key)), key, "must be a finite number")
         require(
@@ -92,8 +100,8 @@ class ResblockScalingConfig:
         return _DTYPES[self.compute_dtype]
 
     def scale_bounds(self, world_size: int) -> tuple[float, float, float]:
-        """(initial, min, max) scale for ``world_size`` data-parallel ranks."""
-        M = float(world_size)
+        """(initial, min, max) scale for ``world_size`` data-parallel ranks (see ``scale_with_ranks``)."""
+        M = float(world_size) if self.scale_with_ranks else 1.0
         return (
             M * 2.0**self.initial_scale_power,
             M * 2.0**self.min_scale_power,

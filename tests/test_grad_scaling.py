@@ -436,7 +436,7 @@ def test_state_dict_round_trip_resumes_exactly():
     buffer.seek(0)
 
     resumed = install_resblock_scaling(twin, ResblockScalingConfig(backoff_cooldown=3))
-    resumed.load_state_dict(torch.load(buffer), device="cpu")
+    resumed.load_state_dict(torch.load(buffer, weights_only=True), device="cpu")
     assert resumed.state_dict() == state and resumed.stats() == scaler.stats()
     # the cooldown survives: blocks.0.mlp backed off at update 4, so a flag at update 5 must not lower it
     assert state["last_decrease"][1] == 4 and state["skipped"] == 2

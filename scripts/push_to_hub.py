@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Upload a pipeline folder (e.g. runs/dalle/final) to the Hugging Face Hub.
+"""Upload a pipeline folder (e.g. runs/dalle/final) to the Hugging Face Hub, single-file or sharded weights.
 
     python scripts/push_to_hub.py runs/dalle/final --repo-id you/dalle-shapes [--private]
         [--revision main] [--commit-message "..."] [--dry-run]
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from dalle_ds.inference.hub import upload_plan
+from dalle_ds.inference.serialization import weight_files
 
 
 def main() -> int:
@@ -25,8 +26,12 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
     folder = Path(args.folder)
-    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json", "dvae/model.safetensors")
-               if not (folder / n).is_file()]  # fmt: skip
+    missing = [n for n in ("config.json", "tokenizer.json", "dvae/config.json") if not (folder / n).is_file()]
+    for weights in (folder, folder / "dvae"):  # model.safetensors, or an index and every shard it names
+        try:
+            weight_files(weights)
+        except (OSError, ValueError) as err:
+            missing.append(str(err))
     if missing:
         print(f"error: {folder} is not a pipeline folder: missing {missing}", file=sys.stderr)
         return 2

@@ -67,3 +67,31 @@ def test_push_dry_run_lists_the_files_and_no_token_stops_before_work(exported, t
     env.pop("HF_TOKEN")
     proc = subprocess.run(script, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "no Hugging Face token" in proc.stderr
+
+
+def test_sharded_pipeline_loads_and_pushes_like_a_single_file_one(exported, tmp_path):
+    from dalle_ds.inference.serialization import load_model, save_model
+
+    model, folder = exported
+    save_model(model, folder, max_shard_size="150KB")  # the transformer, resharded in place
+    assert not (folder / "model.safetensors").exists()
+    loaded, tokenizer = from_pretrained(str(folder))
+    text = encode_captions(tokenizer, ["a red circle at the top left"], loaded.config)
+    codes = torch.randint(0, 128, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(model(text, codes).loss, loaded(text, codes).loss)
+    assert torch.equal(load_model(folder).image_emb.weight, model.image_emb.weight)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo-id", "me/tiny", "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[-1] for line in proc.stdout.splitlines()[:-1]]
+    shards = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(shards) | {"model.safetensors.index.json"} <= set(listed)
+    (folder / shards[0]).unlink()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo-id", "me/tiny", "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and shards[0] in proc.stderr

@@ -120,3 +120,57 @@ def test_load_errors_name_the_file(tmp_path):
     save_model(DALLE(get_preset("dalle-tiny")), tmp_path / "d")
     with pytest.raises(dalle_ds.ConfigError, match="holds a DALLE"):
         load_dvae(tmp_path / "d")
+
+
+def test_sharded_and_single_file_folders_load_to_identical_outputs(tmp_path):
+    import json
+
+    from dalle_ds.inference.serialization import INDEX_NAME, weight_files
+
+    torch.manual_seed(0)
+    model = DALLE(get_preset("dalle-tiny")).eval()
+    save_model(model, tmp_path / "single")
+    save_model(model, tmp_path / "sharded", max_shard_size="100KB")
+    shards = weight_files(tmp_path / "sharded")
+    assert [p.name for p in weight_files(tmp_path / "single")] == ["model.safetensors"]
+    n = len(shards)
+    assert n > 3 and [p.name for p in shards] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((tmp_path / "sharded" / INDEX_NAME).read_text())
+    sizes = {k: v.numel() * v.element_size() for k, v in model.state_dict().items()}
+    assert set(index["weight_map"]) == set(sizes) and index["metadata"]["total_size"] == sum(sizes.values())
+    for shard in shards:  # at most 100 KB of tensors, unless one tensor alone is larger
+        held = [k for k, f in index["weight_map"].items() if f == shard.name]
+        assert sum(sizes[k] for k in held) <= 100_000 or len(held) == 1, (shard.name, held)
+    a, b = load_model(tmp_path / "single"), load_model(tmp_path / "sharded")
+    text = torch.randint(0, a.config.text_vocab_size, (2, a.config.text_len))
+    codes = torch.randint(0, a.config.image_vocab_size, (2, a.config.image_len))
+    with torch.no_grad():
+        la, lb = a(text, codes, return_logits=True), b(text, codes, return_logits=True)
+    assert torch.equal(la.image_logits, lb.image_logits) and torch.equal(la.text_logits, lb.text_logits)
+    # Saving again in the other layout replaces the weight files instead of leaving both.
+    save_model(model, tmp_path / "sharded")
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "model.safetensors"]
+    save_model(model, tmp_path / "single", max_shard_size="100KB")
+    assert not (tmp_path / "single" / "model.safetensors").exists() and len(weight_files(tmp_path / "single")) == n
+
+
+def test_sharded_load_errors_name_the_missing_shard_or_weight(tmp_path):
+    import json
+
+    from dalle_ds.inference.serialization import INDEX_NAME
+
+    save_model(DALLE(get_preset("dalle-tiny")), tmp_path / "m", max_shard_size="100KB")
+    index_path = tmp_path / "m" / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    (tmp_path / "m" / "model-00002-of-00018.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(FileNotFoundError, match="names shards that are missing.*model-00002-of"):
+        load_model(tmp_path / "m")
+    (tmp_path / "moved.safetensors").rename(tmp_path / "m" / "model-00002-of-00018.safetensors")
+    last = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != last}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(dalle_ds.ConfigError, match="weights missing from"):
+        load_model(tmp_path / "m")
+    index_path.write_text("{}")
+    with pytest.raises(dalle_ds.ConfigError, match="not a safetensors index"):
+        load_model(tmp_path / "m")

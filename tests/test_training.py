@@ -238,6 +238,30 @@ def test_export_script_consolidates_any_stage(workdir, dvae_dir, tmp_path):
         assert w4.shape == w6.shape and not torch.equal(w4, w6)  # step 4 is not step 6
 
 
+@pytest.mark.parametrize("name", list(RUNS))
+def test_sharded_streaming_export_equals_deepspeeds_consolidation(name, workdir, dvae_dir, tmp_path):
+    """Every stage's checkpoint, exported in 64 KB shards through the script, holds exactly the weights
+    DeepSpeed's own zero_to_fp32 consolidates in memory (ZeRO 0: the module's, as trained)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dalle_ds.inference.serialization import weight_files
+
+    out = run_stage(name, workdir, dvae_dir)[0]
+    ckpt, tag = out / "checkpoints", "step00000004"
+    cmd = [sys.executable, str(ROOT / "scripts" / "export_checkpoint.py"), "--checkpoint-dir", str(ckpt),
+           "--out", str(tmp_path / "x"), "--tag", tag, "--max-shard-size", "64KB"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(weight_files(tmp_path / "x")) > 10
+    got = load_model(tmp_path / "x").state_dict()
+    if name == "zero0":
+        reference = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    else:
+        reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    assert set(got) == set(reference)
+    assert all(torch.equal(got[k], reference[k].float()) for k in got)
+
+
 def test_non_finite_loss_stops_with_a_message_and_a_checkpoint(workdir, dvae_dir):
     out = workdir / "diverge"
     cfg = ds_config(workdir, 2)

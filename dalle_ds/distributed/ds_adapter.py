@@ -11,7 +11,8 @@ and, where that API has no door, through a few internals, all of them here:
   through the optimizer's ``gradient_reduction_w_predivide`` and its ``ipg_buckets`` /
   ``bit16_groups``; ZeRO 0 through ``engine.enable_backward_allreduce``;
 - ``deepspeed.comm.torch.build_shm_op``, not built at start-up (:func:`init_process_group`);
-- checkpoint file names (``mp_rank_00_model_states.pt``) and ``zero_to_fp32`` for export;
+- checkpoint file names (``mp_rank_00_model_states.pt``), the layout keys in them, and
+  ``zero_to_fp32``'s optimizer-file parser and ZeRO-3 gather, for the streaming export;
 - the activation-checkpointing RNG tracker, saved with every rank's RNG state;
 - the optimizers an engine steps (``basic_optimizer``, ZeRO-3's ``backup_optimizer``), whose ``step``
   per-resblock gradient scaling turns into a no-op to skip an update (:func:`inner_optimizers`).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +45,18 @@ __all__ = [
     "build_engine",
     "check_version",
     "cpu_adam",
-    "fp32_state_dict",
     "gathered",
     "init_process_group",
     "inner_optimizers",
     "loss_scale",
+    "mapped_fp32_partitions",
+    "mapped_model_states",
     "model_states_path",
     "rng_tracker_states",
     "set_rng_tracker_states",
     "skipped_steps",
     "write_monitor",
+    "zero3_gather",
     "zero3_init",
 ]
 
@@ -366,11 +370,39 @@ def model_states_path(tag_dir: str | Path) -> Path | None:
     return next((Path(tag_dir) / n for n in MODEL_STATES if (Path(tag_dir) / n).is_file()), None)
 
 
-def fp32_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a ZeRO 1-3 checkpoint, consolidated (DeepSpeed's ``zero_to_fp32``)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def mapped_model_states(path: str | Path) -> dict[str, Any]:
+    """A model-states file with its tensors memory-mapped (read only when touched), and the layout
+    DeepSpeed records in it under its own key names: ``param_shapes`` (one ordered name -> shape
+    dict per optimizer group), ``buffer_names``, ``frozen_param_shapes``, ``shared_params``."""
+    from deepspeed.checkpoint import constants as c
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    states = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # holds DeepSpeed objects
+    return {
+        "states": states,
+        "param_shapes": states.get(c.PARAM_SHAPES) or [],
+        "buffer_names": list(states.get(c.BUFFER_NAMES) or []),
+        "frozen_param_shapes": dict(states.get(c.FROZEN_PARAM_SHAPES) or {}),
+        "shared_params": dict(states.get("shared_params") or {}),
+    }
+
+
+def mapped_fp32_partitions(tag_dir: str | Path) -> tuple[int, int, list, list | None]:
+    """(ZeRO stage, world size, each rank's fp32 flat partitions per group, alignment paddings) of a
+    ZeRO 1-3 tag folder, parsed by DeepSpeed's ``zero_to_fp32`` (it memory-maps the optimizer files
+    and drops the Adam moments unread)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, once per read
+        return z.parse_optim_states(z.get_optim_files(str(tag_dir)), str(tag_dir))
+
+
+def zero3_gather(partitions: list, group_offsets: list[int], offset: int, shape) -> tuple[torch.Tensor, int]:
+    """(one ZeRO-3 parameter rebuilt from every rank's flat partition at ``offset`` by DeepSpeed's own
+    ``GatheredTensor``, the numel each rank holds of it, padding included)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    per_rank, _ = z.zero3_partitioned_param_info(shape.numel(), len(partitions))
+    return z.GatheredTensor(partitions, group_offsets, offset, per_rank, shape).contiguous(), per_rank
 
 
 def _rng_tracker():

@@ -1,7 +1,8 @@
 """Model hub: model cards for pipeline folders, ``from_pretrained`` for local folders and hub repos.
 
 A pipeline folder (``<output>/final`` of the DALL-E trainer) is already what goes to the hub:
-``model.safetensors`` + ``config.json`` (the transformer), ``tokenizer.json``, ``dvae/`` (its
+``model.safetensors`` (or Hugging Face shards + ``model.safetensors.index.json``) + ``config.json``
+(the transformer), ``tokenizer.json``, ``dvae/`` (its
 image tokenizer) and a ``README.md`` model card with hub metadata. No pickles: weights are
 safetensors, and loading refuses pickled weights unless asked to.
 """
@@ -13,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from .generation import load_pipeline
+from .serialization import INDEX_NAME, WEIGHTS_NAME
 
-__all__ = ["PICKLE_SUFFIXES", "from_pretrained", "upload_plan", "write_model_card"]
+__all__ = ["PICKLE_SUFFIXES", "from_pretrained", "has_safetensors", "upload_plan", "write_model_card"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -77,7 +79,7 @@ def from_pretrained(path_or_repo_id: str, revision: str | None = None, map_locat
 
         local = Path(snapshot_download(path_or_repo_id, revision=revision))
     for folder in (local, local / "dvae"):
-        if (folder / "model.safetensors").is_file():
+        if has_safetensors(folder):
             continue
         pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
         if not pickles:
@@ -89,6 +91,11 @@ def from_pretrained(path_or_repo_id: str, revision: str | None = None, map_locat
             )
         _convert_pickle(folder, folder / pickles[0])
     return load_pipeline(local, map_location)
+
+
+def has_safetensors(folder) -> bool:
+    """Whether ``folder`` holds safetensors weights: ``model.safetensors`` or a sharded index."""
+    return (Path(folder) / WEIGHTS_NAME).is_file() or (Path(folder) / INDEX_NAME).is_file()
 
 
 def _convert_pickle(folder: Path, weights: Path) -> None:

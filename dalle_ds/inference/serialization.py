@@ -1,4 +1,11 @@
-"""Saving and loading models as a folder: ``config.json`` + ``model.safetensors`` (no pickle).
+"""Saving and loading models as a folder: ``config.json`` + safetensors weights (no pickle).
+
+Weights are one ``model.safetensors`` or, past ``max_shard_size``, the Hugging Face sharded layout:
+``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json`` (``weight_map``: tensor
+name -> file; ``metadata.total_size``), split by ``huggingface_hub``. Writing asks for one shard's
+tensors at a time (:func:`save_weights`), so an export never holds more than a shard; every file is
+written atomically, the index after its shards, and files of the other layout are removed last.
+Loading reads either layout (the index wins if both are present) one file at a time.
 
 Also reads OpenAI's released dVAE pickles (``encoder.pkl`` / ``decoder.pkl``) without
 running code from them: the pickle is opened with PyTorch's ``weights_only`` unpickler,
@@ -10,9 +17,12 @@ in the file can call a function or construct an arbitrary object.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.constants import SAFETENSORS_INDEX_FILE
 from safetensors.torch import load_file, save_file
 
 from ..models.config import ConfigError, DalleConfig, DVAEConfig
@@ -22,6 +32,7 @@ from ..utils.files import atomic_path, atomic_write_text
 
 __all__ = [
     "CONFIG_NAME",
+    "INDEX_NAME",
     "WEIGHTS_NAME",
     "UnsafeCheckpointError",
     "convert_openai_dvae",
@@ -31,10 +42,15 @@ __all__ = [
     "openai_dvae_state_dict",
     "read_openai_pickle",
     "save_model",
+    "save_weights",
+    "shard_size",
+    "weight_files",
 ]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = SAFETENSORS_INDEX_FILE  # model.safetensors.index.json
+_SHARD_PATTERN = "model{suffix}.safetensors"  # {suffix}: -00001-of-00004
 _MODEL_TYPES = {"dalle": (DalleConfig, DALLE), "dvae": (DVAEConfig, DiscreteVAE)}
 
 
@@ -42,18 +58,115 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file needs code execution (or unknown classes) to load and was refused."""
 
 
-def save_model(model: DALLE | DiscreteVAE, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (fp32 kept as stored) into ``directory``."""
+def save_model(model: DALLE | DiscreteVAE, directory: str | Path, max_shard_size: int | str | None = None) -> Path:
+    """Write ``config.json`` and the weights (fp32 kept as stored) into ``directory``: one
+    ``model.safetensors``, or shards + index when ``max_shard_size`` (bytes or ``"5GB"``) is exceeded."""
+    directory = Path(directory)
+    state = {
+        k: v.detach() for k, v in model.state_dict().items() if not k.startswith("dvae.")
+    }  # an attached frozen dVAE is saved on its own
+    shapes = {k: (v.shape, v.dtype) for k, v in state.items()}
+    save_weights(directory, shapes, lambda names: {n: state[n].contiguous().cpu() for n in names}, max_shard_size)
+    return write_config(model.config.to_dict(), directory)
+
+
+def write_config(config: dict, directory: str | Path) -> Path:
+    """``config.json`` (with its ``model_type``) into ``directory``; returns the folder."""
+    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return Path(directory)
+
+
+def save_weights(
+    directory: str | Path,
+    shapes: dict[str, tuple[torch.Size, torch.dtype]],
+    read: Callable[[list[str]], dict[str, torch.Tensor]],
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
+    """Write tensors named in ``shapes`` (name -> (shape, dtype)), fetching each file's worth with
+    ``read(names)``: one ``model.safetensors``, or shards of at most ``max_shard_size`` and the index.
+    Returns the files written; weight files of an earlier save in ``directory`` are removed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("dvae.")
-    }  # an attached frozen dVAE is saved on its own
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
-    config = json.dumps(model.config.to_dict(), indent=2) + "\n"
-    atomic_write_text(directory / CONFIG_NAME, config)
-    return directory
+    max_shard_size = shard_size(max_shard_size)
+    if max_shard_size is None:
+        files, index = {WEIGHTS_NAME: list(shapes)}, None
+    else:
+        meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()}
+        split = split_torch_state_dict_into_shards(meta, filename_pattern=_SHARD_PATTERN, max_shard_size=max_shard_size)
+        files = split.filename_to_tensors
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename} if split.is_sharded else None
+    written = []
+    for name, names in files.items():
+        tensors = read(list(names))
+        with atomic_path(directory / name) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        del tensors
+        written.append(directory / name)
+    if index is not None:
+        atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    else:
+        (directory / INDEX_NAME).unlink(missing_ok=True)
+    for stale in [directory / WEIGHTS_NAME, *directory.glob("model-*-of-*.safetensors")]:
+        if stale not in written:
+            stale.unlink(missing_ok=True)
+    return written
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def shard_size(text: str | int | None) -> int | None:
+    """``"5GB"``, ``"500MiB"``, ``"100KB"`` or a byte count -> bytes; ``"none"`` / None -> None (one file)."""
+    if text is None or isinstance(text, int):
+        return text
+    value = str(text).strip().upper()
+    if value == "NONE":
+        return None
+    number = value.rstrip("KMGTIB ")
+    unit = value[len(number) :].strip()
+    try:
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"shard size {text!r}: expected a number of bytes or e.g. 5GB, 500MiB, or none") from None
+    if size < 1:
+        raise ValueError(f"shard size {text!r} must be positive")
+    return int(size)
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files holding a folder's weights: its shards (by the index) or ``model.safetensors``."""
+    directory = Path(directory)
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{index_path}: not a safetensors index (no weight_map): {err}") from err
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index_path} names shards that are missing: {missing}")
+        return files
+    if (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def load_weights(model: torch.nn.Module, files: Iterable[Path], map_location="cpu") -> None:
+    """Assign every tensor of ``files`` (one file at a time) to ``model``, which may live on the meta
+    device; every weight must be found exactly once."""
+    expected = {k for k in model.state_dict() if not k.startswith("dvae.")}
+    seen: set[str] = set()
+    for path in files:
+        part = load_file(path, device=str(map_location))
+        unexpected = sorted(set(part) - expected)
+        if unexpected:
+            raise ConfigError(f"{path}: holds weights the model does not have: {unexpected[:5]}")
+        model.load_state_dict(part, strict=False, assign=True)
+        seen.update(part)
+    missing = sorted(expected - seen)
+    if missing:
+        raise ConfigError(f"weights missing from {[p.name for p in files]}: {missing[:5]}")
 
 
 def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE:
@@ -66,16 +179,16 @@ def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE:
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> DALLE | DiscreteVAE:
-    """Load a folder written by :func:`save_model`; the config's ``model_type`` picks the class."""
+    """Load a folder written by :func:`save_model` (single file or sharded); the config's
+    ``model_type`` picks the class. Built on the meta device, so weights are stored once."""
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing (expected {CONFIG_NAME} and {WEIGHTS_NAME} or {INDEX_NAME})")
+    files = weight_files(directory)
     with torch.device("meta"):
         model = model_from_config(json.loads(config_path.read_text()), source=str(config_path))
-    state = load_file(weights_path, device=str(map_location))
-    model.load_state_dict(state, strict=True, assign=True)
+    load_weights(model, files, map_location)
     return model.eval()
 
 

@@ -28,7 +28,8 @@ import torch
 
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
-from ..inference.serialization import model_from_config, save_model
+from ..distributed.zero_export import CheckpointWeights
+from ..inference.serialization import model_from_config, save_weights, write_config
 from ..models.config import ConfigError
 from ..utils.files import atomic_write_text
 
@@ -148,32 +149,37 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         ds_adapter.set_rng_tracker_states(state["ds_checkpointing"])
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Consolidate a dalle-ds DeepSpeed checkpoint (any ZeRO stage) into ``out_dir``.
+def export_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None, max_shard_size: int | str | None = "5GB"
+) -> Path:
+    """Consolidate a dalle-ds DeepSpeed checkpoint (any ZeRO stage) into ``out_dir``, streaming.
 
-    ZeRO 1-3: the fp32 master weights, through DeepSpeed's ``zero_to_fp32``. ZeRO 0: the module's
-    weights as trained (fp32 runs are exact; 16-bit ones are cast up). The model config comes from
-    the checkpoint itself. A frozen dVAE attached during training is not included.
+    ZeRO 1-3: the fp32 master weights; ZeRO 0: the module's weights as trained (fp32 runs are exact,
+    16-bit ones are cast up). Weights are read and written one shard at a time
+    (``zero_export.CheckpointWeights``): a single ``model.safetensors`` up to ``max_shard_size``
+    (``None``: never split), else Hugging Face shards + ``model.safetensors.index.json``, so host
+    memory peaks at about a shard plus a layer whatever the model's size. The model config comes
+    from the checkpoint itself; a frozen dVAE attached during training is not included.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_complete_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint (no step*/{COMPLETE})")
-    states_path = ds_adapter.model_states_path(ckpt_dir / tag)
-    if states_path is None:
-        raise FileNotFoundError(
-            f"{ckpt_dir / tag}: no {' or '.join(ds_adapter.MODEL_STATES)}: not a DeepSpeed checkpoint folder"
-        )
-    states = torch.load(states_path, map_location="cpu", weights_only=True)
-    data = states.get("model_config")
+    weights = CheckpointWeights(ckpt_dir / tag)
+    data = weights.client["model_config"]
     if not isinstance(data, dict):
-        raise ConfigError(f"{states_path}: no model_config in the client state (not written by dalle-ds?)")
-    model = model_from_config(data, source=str(states_path))
-    stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-    if stage == 0:
-        state = {k: v.float() for k, v in states["module"].items()}
-    else:
-        state = ds_adapter.fp32_state_dict(ckpt_dir, tag)
-    state = {k: v for k, v in state.items() if not k.startswith("dvae.")}
-    model.load_state_dict(state, strict=True)
-    return save_model(model, out_dir)
+        raise ConfigError(f"{weights.states_path}: no model_config in the client state (not written by dalle-ds?)")
+    with torch.device("meta"):
+        model = model_from_config(data, source=str(weights.states_path))
+    order = {k: v for k, v in model.state_dict().items() if not k.startswith("dvae.")}  # layers stay together
+    missing, unexpected = sorted(set(order) - set(weights.shapes)), sorted(set(weights.shapes) - set(order) - {
+        k for k in weights.shapes if k.startswith("dvae.")})  # fmt: skip
+    wrong = [k for k, v in order.items() if k in weights.shapes and weights.shapes[k] != v.shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"{ckpt_dir / tag} does not match its model_config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    shapes = {k: (v.shape, torch.float32 if v.is_floating_point() else v.dtype) for k, v in order.items()}
+    save_weights(out_dir, shapes, weights.read, max_shard_size)
+    return write_config(model.config.to_dict(), out_dir)

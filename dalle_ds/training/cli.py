@@ -11,6 +11,7 @@ from typing import NoReturn
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
 from ..distributed.ds_config import DeepSpeedConfigError
+from ..inference.serialization import shard_size
 from ..models.config import ConfigError
 from .errors import TrainingStopped, UsageError
 from .grad_scaling import GradScalingConfigError
@@ -46,6 +47,9 @@ def base_arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints to keep")
+    p.add_argument("--export-shard-size", type=shard_size, default="5GB",
+                   help="<output>/final: weights over this size are written as safetensors shards + index "
+                        "(Hugging Face layout; 'none': one file)")  # fmt: skip
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--image-every", type=int, default=0, help="write a PNG grid every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")

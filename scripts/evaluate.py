@@ -4,6 +4,8 @@
     python scripts/evaluate.py --checkpoint runs/dalle/final --holdout runs/dalle/holdout.json \\
         [--data synthetic|<stream>] [--num 512] [--per-caption 4] [--top-k 32] [--clip MODEL] --out eval.json
     python scripts/evaluate.py --dvae runs/dvae/final --num 512          # the tokenizer alone
+    python scripts/evaluate.py --checkpoint runs/dalle/final --data <stream of real pairs> --num 30000 \\
+        --fid --clip-score [--candidates 512] [--clip-model openai/clip-vit-base-patch32] --out eval.json
 
 - dVAE: reconstruction MSE / PSNR and codebook use (perplexity, share used, dead codes) on ``--num``
   images of ``--data``.
@@ -11,10 +13,15 @@
 - Synthetic set: caption accuracy of generated images (colour, shape, position and all three, read
   back by the set's checker) for the held-out captions of ``--holdout`` (the trainer writes
   holdout.json), else for every combination; ``--clip``: mean CLIP score of those images.
+- ``--fid`` / ``--clip-score`` (any ``--data``): one sample per caption of the first ``--num`` pairs
+  (``--candidates N``: the CLIP-best of N, the paper's reranking), FID against the real images
+  (torchmetrics; the standard Inception, or ``--fid-feature-extractor module:callable``) and CLIP
+  score against the captions, with the real images' CLIP score for reference ("generation").
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,11 +40,35 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--clip", default=None)
+    p.add_argument("--clip-model", "--clip", dest="clip_model", help="CLIP folder or hub id (default: openai's B/32)")
+    p.add_argument("--fid", action="store_true", help="FID of samples for --data's captions against its images")
+    p.add_argument("--clip-score", action="store_true", help="CLIP score of those samples against their captions")
+    p.add_argument("--candidates", type=int, default=1, help="samples per caption; the CLIP-best one is kept")
+    p.add_argument("--fid-weights", default=None, help="a local copy of the FID Inception weights (offline)")
+    p.add_argument("--fid-feature-extractor", default=None, help="module:callable returning an nn.Module")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not (args.checkpoint or args.dvae):
         p.error("give --checkpoint and/or --dvae")
+    scoring = args.fid or args.clip_score or args.candidates > 1
+    if scoring and not args.checkpoint:
+        p.error("--fid / --clip-score / --candidates need --checkpoint")
+    if args.fid_weights and args.fid_feature_extractor:
+        p.error("--fid-weights is for the standard Inception, not --fid-feature-extractor")
+
+    from dalle_ds.inference import metrics
+
+    fid = clip = None
+    clip_name = args.clip_model or metrics.DEFAULT_CLIP_MODEL
+    try:  # before the models load: a missing package or unreachable weights fail fast
+        if args.fid:
+            extractor = args.fid_feature_extractor and metrics.load_feature_extractor(args.fid_feature_extractor)
+            fid = metrics.fid_metric(extractor or None, args.fid_weights)
+        if args.clip_score or args.candidates > 1:
+            clip = metrics.clip_score_metric(clip_name)
+    except metrics.MetricUnavailableError as e:
+        print(f"evaluate.py: {e}", file=sys.stderr)
+        sys.exit(2)
 
     from dalle_ds.data.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
     from dalle_ds.inference.evaluation import caption_accuracy, dvae_metrics, validation_loss
@@ -71,6 +102,7 @@ def main() -> None:
                 taken += len(batch["caption"])
                 yield {"image": as_float_image(batch["image"]), "caption": batch["caption"]}
 
+    sampling = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
     result = {"dvae": dvae_metrics(dvae, (b["image"] for b in batches()))}
     if model is not None:
         result["validation"] = validation_loss(model, tokenizer, batches())
@@ -79,17 +111,20 @@ def main() -> None:
             if args.holdout:
                 held = set(json.loads(Path(args.holdout).read_text()))
                 combos = [c for c in ALL_COMBOS if caption_of(c) in held]
-            sampling = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
             scores, images, order = caption_accuracy(model, tokenizer, combos, args.per_caption, **sampling)
             result["caption_accuracy"] = {**scores, "captions": len(combos), "samples": len(order),
                                           "held_out": bool(args.holdout)}  # fmt: skip
-            if args.clip:
-                from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
-                clip = CLIPModel.from_pretrained(args.clip).eval()
-                proc, tok = CLIPImageProcessor.from_pretrained(args.clip), AutoTokenizer.from_pretrained(args.clip)
-                per = [clip_scores(images[i : i + 1], caption_of(c), clip, proc, tok)[0] for i, c in enumerate(order)]
+            if args.clip_model:
+                net = clip or metrics.clip_score_metric(args.clip_model)
+                parts = net.model.clip, net.processor.image_processor, net.processor.tokenizer
+                per = [clip_scores(images[i : i + 1], caption_of(c), *parts)[0] for i, c in enumerate(order)]
                 result["clip_score"] = float(torch.stack(per).mean())
+        if scoring:
+            gen = metrics.generate_and_score(model, tokenizer, batches(), args.num, fid=fid, clip=clip,
+                                             candidates=args.candidates, seed=args.seed, **sampling)  # fmt: skip
+            gen["clip_model"] = clip_name if clip is not None else None
+            gen["fid_features"] = (args.fid_feature_extractor or "inception-v3-compat-2048") if fid else None
+            result["generation"] = gen
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -65,20 +65,22 @@ def sample_images(
     """``num`` samples for one caption: (images float (num, 3, H, W) in [0, 1], codes (num, N)).
 
     ``prime``: (L,) codes of the top rows of an image, shared by every sample. ``sampling`` goes to
-    :meth:`DALLE.generate` (top_k, top_p, temperature). Seeded: the same call gives the same images.
+    :meth:`DALLE.generate` (top_k, top_p, temperature, cache). Seeded: the same call gives the same
+    images. The caption is encoded once; each batch of ``batch_size`` candidates shares one prefill
+    of the text (and primed codes) and draws on the model's device from a generator there.
     """
     from ..data.text import encode_captions
 
     if model.dvae is None:
         raise ValueError("sample_images needs the model's dVAE (load_pipeline attaches it)")
     device = next(model.parameters()).device
-    text = encode_captions(tokenizer, [caption], model.config).to(device)
-    generator = torch.Generator().manual_seed(seed)
+    text = encode_captions(tokenizer, [caption], model.config).to(device)  # (1, text_len)
+    primed = None if prime is None else prime.reshape(1, -1).to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     codes = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
-        primed = None if prime is None else prime.reshape(1, -1).expand(b, -1).to(device)
-        codes.append(model.generate(text.expand(b, -1), generator=generator, prime=primed, **sampling))
+        codes.append(model.generate(text, generator=generator, prime=primed, num_samples=b, **sampling))
     codes = torch.cat(codes)
     images = model.dvae.decode(codes.reshape(num, model.config.image_grid, model.config.image_grid))
     return images.float().clamp(0, 1), codes

@@ -25,11 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kv_cache import BoundedKVCache, KVCache
 from .masks import ATTENTION_KINDS, allowed, attention_mask
 
 __all__ = [
     "ATTENTION_IMPLS",
     "AUTO_CPU_DENSE_MAX_LEN",
+    "BoundedKVCache",
     "KVCache",
     "SparseAttention",
     "block_attention",
@@ -368,49 +370,20 @@ class SparseAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x: (B, n, D). With ``cache`` (generation), x holds the positions after the cached ones."""
+    def forward(self, x: torch.Tensor, cache: KVCache | BoundedKVCache | None = None) -> torch.Tensor:
+        """x: (B, n, D). With ``cache`` (generation, :mod:`dalle_ds.models.kv_cache`), x holds the
+        positions after the cached ones: the first call fills the cache, later ones step it."""
         B, n, D = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            k, v = cache.append(k, v, self.text_len + self.grid_size**2)
-        if start == 0:
+        if cache is not None and cache.length:
+            y = cache.step(q, k, v, self)
+        else:
             y = sparse_attention(
                 q, k, v, self.kind, self.text_len, self.grid_size, self.conv_kernel, self.impl, self.block_rows
             )  # (B, H, n, hd)
-        else:  # new queries against every cached key they may see: one mask row each
-            mask = _full_mask(self.kind, self.text_len, self.grid_size, self.conv_kernel, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[start : start + n, : start + n])
+            if cache is not None:
+                cache.prefill(k, v, self)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(B, n, D)))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, impl={self.impl!r}, heads={self.n_heads}"
-
-
-class KVCache:
-    """Keys and values of the positions generated so far, for one attention layer.
-
-    Preallocated for the whole sequence on the first append. It keeps every position: each new
-    image query reads only its mask row (text plus its row / column / conv window), so a tighter
-    per-kind bound is possible but not done here.
-    """
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, m, hd) keys / values; returns views of everything stored so far."""
-        m = k.shape[2]
-        if self.k is None:
-            self.k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            self.v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-        if self.length + m > self.k.shape[2]:
-            raise ValueError(f"KVCache: {self.length} + {m} positions exceed the sequence length {self.k.shape[2]}")
-        self.k[:, :, self.length : self.length + m] = k
-        self.v[:, :, self.length : self.length + m] = v
-        self.length += m
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]

@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, SparseAttention
+from .attention import SparseAttention
 from .config import DalleConfig
 from .dvae import DiscreteVAE
+from .kv_cache import BoundedKVCache, KVCache
 from .masks import layer_schedule
 
-__all__ = ["DALLE", "DalleOutput", "filter_logits", "pad_text"]
+__all__ = ["DALLE", "DalleOutput", "device_generator", "filter_logits", "pad_text", "sample_logits"]
 
 
 def pad_text(tokens: list[list[int]], config: DalleConfig) -> torch.Tensor:
@@ -198,38 +199,57 @@ class DALLE(nn.Module):
         generator: torch.Generator | None = None,
         prime: torch.Tensor | None = None,
         use_cache: bool = True,
+        num_samples: int = 1,
+        cache: str = "full",
     ) -> torch.Tensor:
-        """Sample image codes (B, N) token by token given padded text (B, text_len).
+        """Sample image codes (B * num_samples, N) token by token given padded text (B, text_len).
 
         ``prime`` (B, L0): the first L0 codes (e.g. the top rows of an encoded image), kept verbatim.
-        ``top_k`` / ``top_p`` restrict each draw (see :func:`filter_logits`). With ``use_cache`` every
-        layer keeps its keys and values, so each step runs one position through the network;
-        without it each step recomputes the whole prefix (the reference the cache is tested against).
+        ``top_k`` / ``top_p`` restrict each draw (see :func:`filter_logits`). ``num_samples``: that
+        many candidates per text row (rows ``i * num_samples + j``), which share one prefill of the
+        text and primed codes. With ``use_cache`` every layer keeps its keys and values (``cache``:
+        'full' keeps every position, 'bounded' only what each layer kind can still see, see
+        :mod:`dalle_ds.models.kv_cache`), so each step runs one position through the network;
+        without it each step recomputes the whole prefix (the reference the caches are tested against).
+
+        The loop runs on the text's device and never reads a tensor back to the host: each draw is
+        :func:`sample_logits`. ``generator`` on that device is used as is; one on another device
+        (e.g. a CPU generator for a CUDA model) seeds a generator on this device from one draw.
         """
         c = self.config
-        codes = torch.zeros(text.shape[0], 0, dtype=torch.long, device=text.device)
+        B, device = text.shape[0], text.device
+        if num_samples < 1 or cache not in ("full", "bounded"):
+            raise ValueError(f"num_samples={num_samples} must be >= 1 and cache={cache!r} 'full' or 'bounded'")
+        L0 = 0
         if prime is not None:
-            if prime.dim() != 2 or prime.shape[0] != text.shape[0] or prime.shape[1] >= c.image_len:
-                raise ValueError(f"prime must be (B={text.shape[0]}, L < {c.image_len}), got {tuple(prime.shape)}")
-            codes = prime.to(text.device).long()
+            if prime.dim() != 2 or prime.shape[0] != B or prime.shape[1] >= c.image_len:
+                raise ValueError(f"prime must be (B={B}, L < {c.image_len}), got {tuple(prime.shape)}")
+            L0 = prime.shape[1]
+        codes = torch.zeros(B * num_samples, c.image_len, dtype=torch.long, device=device)
+        if L0:
+            codes[:, :L0] = prime.to(device).long().repeat_interleave(num_samples, 0)
+        generator = device_generator(generator, device)
 
         def draw(logits):
-            logits = filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
-            return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).to(text.device)
+            return sample_logits(logits, top_k, top_p, temperature, generator)[:, 0]
 
         if not use_cache:
-            while codes.shape[1] < c.image_len:
-                codes = torch.cat([codes, draw(self.next_image_logits(text, codes))], dim=1)
+            text = text.repeat_interleave(num_samples, 0)
+            for i in range(L0, c.image_len):
+                codes[:, i] = draw(self.next_image_logits(text, codes[:, :i]))
             return codes
-        caches = [KVCache() for _ in self.blocks]
+        caches = [(KVCache if cache == "full" else BoundedKVCache)() for _ in self.blocks]
         w_image = self._unembed_weights()[1].float()
-        h = self.embed(text, codes)  # prefill: text and primed codes in one pass
-        for i in range(codes.shape[1], c.image_len):
-            for block, cache in zip(self.blocks, caches, strict=True):
-                h = block(h, cache)
-            nxt = draw(F.linear(self.ln_f(h[:, -1]).float(), w_image))
-            codes = torch.cat([codes, nxt], dim=1)
-            h = self.drop(self._image_embed(nxt, i))
+        h = self.embed(text, codes[::num_samples, :L0])  # prefill: text and primed codes in one pass
+        for i in range(L0, c.image_len):
+            for block, kv in zip(self.blocks, caches, strict=True):
+                h = block(h, kv)
+            if i == L0 and num_samples > 1:  # candidates share the prefill: repeat its cache
+                h = h[:, -1:].repeat_interleave(num_samples, 0)
+                for kv in caches:
+                    kv.expand(num_samples)
+            codes[:, i] = draw(F.linear(self.ln_f(h[:, -1]).float(), w_image))
+            h = self.drop(self._image_embed(codes[:, i : i + 1], i))
         return codes
 
     def forward(
@@ -284,3 +304,32 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         drop = before >= top_p  # keep a token while the better ones have not reached top_p yet
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token (B, 1) per row of ``logits`` (B, V), drawn on their device with no host sync.
+
+    The exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. picks token i with
+    probability ``p_i`` (the Gumbel-max trick in probability space). It is what ``torch.multinomial``
+    does for one sample, minus its checks that read the probabilities back to the host, so on the
+    CPU the tokens equal ``torch.multinomial(p, 1, generator=generator)`` for the same generator state.
+    """
+    probs = filter_logits(logits / max(temperature, 1e-6), top_k, top_p).softmax(-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return probs.div_(race).argmax(-1, keepdim=True)
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """``generator`` if it lives on ``device`` (or is None: the device's default), else a new
+    generator there seeded from one draw of ``generator`` (deterministic for its seed)."""
+    device = torch.device(device)
+    if generator is None or generator.device == device:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)

@@ -62,8 +62,8 @@ def main() -> None:
     clip_name = args.clip_model or metrics.DEFAULT_CLIP_MODEL
     try:  # before the models load: a missing package or unreachable weights fail fast
         if args.fid:
-            extractor = args.fid_feature_extractor and metrics.load_feature_extractor(args.fid_feature_extractor)
-            fid = metrics.fid_metric(extractor or None, args.fid_weights)
+            spec = args.fid_feature_extractor
+            fid = metrics.fid_metric(metrics.load_feature_extractor(spec) if spec else None, args.fid_weights)
         if args.clip_score or args.candidates > 1:
             clip = metrics.clip_score_metric(clip_name)
     except metrics.MetricUnavailableError as e:

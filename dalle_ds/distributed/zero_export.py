@@ -18,6 +18,7 @@ reports as shared are read once per source.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -119,7 +120,8 @@ class CheckpointWeights:
                 out[name] = _flat_slice([p[where[0]] for p in parts], *where[1:]).view(self.shapes[name])
             else:
                 out[name] = ds_adapter.zero3_gather(parts, offsets, where[0], self.shapes[name])[0].float()
-        del states, parts  # unmaps the files: the pages read leave this process with them
+        del states, parts
+        gc.collect()  # the loaded pickles hold reference cycles: unmap the files now, not at some later GC
         return {n: out[self._where[n][1]] if self._where[n][0] == "shared" else out[n] for n in names}
 
 

@@ -98,7 +98,8 @@ class BoundedKVCache:
         B, H, n, hd = k.shape
         if n < T:
             raise ValueError(f"BoundedKVCache: the prefill must hold all {T} text positions, got {n}")
-        self.slots = {"row": W + 1, "conv": (attn.conv_kernel // 2 + 1) * W, "column": W * W}[attn.kind]
+        slots = {"row": W + 1, "conv": (attn.conv_kernel // 2 + 1) * W, "column": W * W}[attn.kind]
+        self.slots = min(slots, W * W)
         self.text_k, self.text_v = k[:, :, :T].clone(), v[:, :, :T].clone()
         self.img_k, self.img_v = k.new_zeros(B, H, self.slots, hd), v.new_zeros(B, H, self.slots, hd)
         first = max(0, n - T - self.slots)  # earlier positions would be overwritten in a ring

@@ -9,6 +9,13 @@ exports it. ``--clip`` is a local folder or hub id of a ``transformers`` CLIP mo
 processor; without it the first ``--top-k-images`` samples are kept. ``--prime-image`` with
 ``--prime-rows R`` conditions every sample on the top R rows of that image's codes (the paper's
 image-to-image completions). Writes the grid PNG and ``<out>.json`` (caption, settings, scores).
+
+A pipeline larger than one device: ``--device-map auto|balanced|balanced_low_0|sequential`` builds
+the transformer with empty weights and has ``accelerate`` place its blocks on the GPUs, the CPU and
+(with ``--offload-folder``) disk within ``--max-memory``, e.g. for ``dalle-12b`` in bf16 (24 GB):
+
+    python scripts/generate.py "a red circle" --checkpoint hub-export/ --dtype bf16 \
+        --device-map balanced --max-memory 0=14GiB,1=14GiB,cpu=64GiB --offload-folder /scratch/offload
 """
 
 import argparse
@@ -16,6 +23,8 @@ import json
 from pathlib import Path
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main() -> None:
@@ -34,12 +43,33 @@ def main() -> None:
     p.add_argument("--prime-image", default=None)
     p.add_argument("--prime-rows", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer weights (the dVAE stays fp32)")
+    p.add_argument("--cache", choices=["full", "bounded"], default="full", help="KV cache: every position or per kind")
+    p.add_argument("--device-map", default=None, help="auto|balanced|balanced_low_0|sequential: spread the model")
+    p.add_argument("--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where blocks that fit nowhere go")
     args = p.parse_args()
+    if args.device_map is None and (args.max_memory or args.offload_folder):
+        p.error("--max-memory and --offload-folder place layers: they need --device-map")
 
     from dalle_ds.inference.generation import load_pipeline, rerank, sample_images
     from dalle_ds.utils.images import save_grid
 
-    model, tokenizer = load_pipeline(args.checkpoint, map_location=args.device)
+    dtype = DTYPES[args.dtype]
+    if args.device_map:
+        from dalle_ds.inference.big_model import load_pipeline_dispatched, parse_max_memory
+
+        try:
+            max_memory = parse_max_memory(args.max_memory)
+        except ValueError as e:
+            p.error(str(e))
+        model, tokenizer = load_pipeline_dispatched(
+            args.checkpoint, args.device_map, max_memory, args.offload_folder, dtype
+        )
+        args.device = str(model.text_emb.weight.device)  # the main device: the sampling loop and the dVAE
+    else:
+        model, tokenizer = load_pipeline(args.checkpoint, map_location=args.device)
+        model.to(dtype).dvae.float()
     prime = None
     if args.prime_image:
         import numpy as np
@@ -64,10 +94,11 @@ def main() -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         temperature=args.temperature,
+        cache=args.cache,
     )
     k = min(args.top_k_images, args.num_candidates)
-    record = {"caption": args.caption, "checkpoint": args.checkpoint, **{a: getattr(args, a) for a in (
-        "num_candidates", "top_k", "top_p", "temperature", "seed", "prime_rows")}}  # fmt: skip
+    settings = ("num_candidates", "top_k", "top_p", "temperature", "seed", "prime_rows", "dtype", "cache", "device_map")
+    record = {"caption": args.caption, "checkpoint": args.checkpoint, **{a: getattr(args, a) for a in settings}}
     if args.clip:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 

@@ -73,7 +73,7 @@ def sample_images(
 
     if model.dvae is None:
         raise ValueError("sample_images needs the model's dVAE (load_pipeline attaches it)")
-    device = next(model.parameters()).device
+    device = model.text_emb.weight.device  # the main device, also when accelerate spreads the blocks
     text = encode_captions(tokenizer, [caption], model.config).to(device)  # (1, text_len)
     primed = None if prime is None else prime.reshape(1, -1).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance (needs --caption-dropout)")
     p.add_argument("--clip-model", "--clip", dest="clip_model", help="CLIP folder or hub id (default: openai's B/32)")
     p.add_argument("--fid", action="store_true", help="FID of samples for --data's captions against its images")
     p.add_argument("--clip-score", action="store_true", help="CLIP score of those samples against their captions")
@@ -102,7 +103,7 @@ def main() -> None:
                 taken += len(batch["caption"])
                 yield {"image": as_float_image(batch["image"]), "caption": batch["caption"]}
 
-    sampling = {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+    sampling = {a: getattr(args, a) for a in ("top_k", "top_p", "temperature", "cond_scale")}
     result = {"dvae": dvae_metrics(dvae, (b["image"] for b in batches()))}
     if model is not None:
         result["validation"] = validation_loss(model, tokenizer, batches())

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely codes (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance (needs --caption-dropout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prime-image", default=None)
@@ -95,9 +96,10 @@ def main() -> None:
         top_p=args.top_p,
         temperature=args.temperature,
         cache=args.cache,
+        cond_scale=args.cond_scale,
     )
     k = min(args.top_k_images, args.num_candidates)
-    settings = ("num_candidates", "top_k", "top_p", "temperature", "seed", "prime_rows", "dtype", "cache", "device_map")
+    settings = "num_candidates top_k top_p temperature seed prime_rows dtype cache device_map cond_scale".split()
     record = {"caption": args.caption, "checkpoint": args.checkpoint, **{a: getattr(args, a) for a in settings}}
     if args.clip:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel

@@ -139,7 +139,8 @@ def test_placement_over_gpus_without_gpus():
 def test_generate_script_with_a_device_map_writes_the_same_grid(pipelines, tmp_path):
     def run(out, *extra):
         cmd = [sys.executable, str(ROOT / "scripts/generate.py"), CAPTION, "--checkpoint", str(pipelines["sharded"]),
-               "--num-candidates", "3", "--top-k-images", "3", "--seed", "5", "--out", str(out), *extra]  # fmt: skip
+               "--num-candidates", "3", "--top-k-images", "3", "--seed", "5", "--cond-scale", "2", "--out", str(out),
+               *extra]  # fmt: skip
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     whole = run(tmp_path / "whole.png")
@@ -150,7 +151,8 @@ def test_generate_script_with_a_device_map_writes_the_same_grid(pipelines, tmp_p
     assert spread.returncode == 0, spread.stderr[-3000:]
     pixels = [np.array(Image.open(tmp_path / name)) for name in ("whole.png", "spread.png")]
     assert pixels[0].shape == pixels[1].shape and np.array_equal(*pixels)
-    assert json.loads((tmp_path / "spread.png.json").read_text())["device_map"] == "sequential"
+    record = json.loads((tmp_path / "spread.png.json").read_text())
+    assert record["device_map"] == "sequential" and record["cond_scale"] == 2.0  # guided, blocks on disk
     assert any((tmp_path / "off").iterdir())
     bad = run(tmp_path / "bad.png", "--max-memory", "cpu=1GiB")
     assert bad.returncode == 2 and "need --device-map" in bad.stderr

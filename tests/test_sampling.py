@@ -165,3 +165,65 @@ def test_the_full_cache_still_steps_several_positions_at_once():
             h = block(h, cache)
         logits = F.linear(model.ln_f(h), model.image_emb.weight)
     torch.testing.assert_close(logits, full[:, 1:6], atol=1e-4, rtol=1e-4)
+
+
+def _null_text(config, n):
+    from dalle_ds.models.dalle import pad_text
+
+    return pad_text([[]] * n, config)  # the null caption: every position padding
+
+
+@pytest.mark.parametrize("cache", ["full", "bounded"])
+def test_guidance_scale_zero_samples_as_the_null_caption_and_one_as_the_caption(cache):
+    config, model, text = _model()
+
+    def run(t, **kw):
+        return model.generate(t, top_k=5, cache=cache, generator=torch.Generator().manual_seed(3), **kw)
+
+    plain, null = run(text), run(_null_text(config, 3))
+    assert not torch.equal(plain, null)
+    assert torch.equal(run(text, cond_scale=1.0), plain)
+    assert torch.equal(run(text, cond_scale=0.0), null)  # null + 0 * (text - null): the null logits exactly
+
+
+def test_guided_greedy_tokens_follow_the_guidance_formula():
+    """Greedy decoding (top_k=1) by hand with ``null + s * (text - null)`` over recomputed logits:
+    the uncached, full-cache and bounded-cache guided samplers pick the same tokens, primed rows and
+    candidates sharing a prefill included."""
+    config, model, text = _model()
+    with torch.no_grad():  # back to the initial weights: sharpened codes would drown what the caption adds
+        model.image_emb.weight.div_(8)
+    s, null = 5.0, _null_text(config, 3)
+    prime = torch.randint(0, config.image_vocab_size, (3, config.image_grid))
+    codes, plain = prime.clone(), prime.clone()
+    for _ in range(config.image_grid, config.image_len):
+        cond, uncond = model.next_image_logits(text, codes), model.next_image_logits(null, codes)
+        codes = torch.cat([codes, (uncond + s * (cond - uncond)).argmax(-1, keepdim=True)], 1)
+        plain = torch.cat([plain, model.next_image_logits(text, plain).argmax(-1, keepdim=True)], 1)
+    assert not torch.equal(codes, plain)  # guidance changed the greedy choice
+    for opts in ({"use_cache": False}, {"cache": "full"}, {"cache": "bounded"}):
+        assert torch.equal(model.generate(text, top_k=1, cond_scale=s, prime=prime, **opts), codes), opts
+        pairs = model.generate(text, top_k=1, cond_scale=s, prime=prime, num_samples=2, **opts)
+        assert torch.equal(pairs, codes.repeat_interleave(2, 0)), opts
+
+
+def test_guidance_raises_how_much_more_likely_the_samples_are_under_the_caption():
+    """The log-likelihood ratio log p(x | caption) - log p(x | null), per token of the samples, grows
+    with the scale: 0 samples from the null caption's model, 1 from the caption's, 3 beyond it."""
+    config, model, text = _model()
+    null = _null_text(config, 3)
+
+    def log_ratio(codes):
+        def logp(t):
+            logits = model(t.repeat_interleave(8, 0), image_codes=codes, return_logits=True).image_logits
+            return logits.log_softmax(-1).gather(-1, codes[..., None]).mean()
+
+        with torch.no_grad():
+            return float(logp(text) - logp(null))
+
+    ratios = [
+        log_ratio(model.generate(text, num_samples=8, cond_scale=s, generator=torch.Generator().manual_seed(0)))
+        for s in (0.0, 1.0, 3.0)
+    ]
+    assert ratios[0] < ratios[1] < ratios[2], ratios
+    assert ratios[1] > 0  # samples of the caption's model are more likely under the caption

@@ -262,3 +262,22 @@ def test_unsupported_tokenizers_refused_with_dropout_only(tok, config, feature):
         encode_captions(t, [caption], config, 0.1, np.random.default_rng(0))
     out = encode_captions(t, [caption], config)  # p = 0: the fast tokenizer, as before
     assert out.tolist() == pad_text(fast_ids(t, [caption]), config).tolist()
+
+
+def test_caption_dropout_replaces_whole_captions_with_the_null_caption(config):
+    import torch
+
+    from dalle_ds.data.text import drop_captions
+
+    text = torch.randint(0, config.text_vocab_size, (4000, config.text_len))
+    null = pad_text([[]], config)[0]
+    out, n = drop_captions(text, 0.3, np.random.default_rng(7), config)
+    dropped = (out == null).all(1)
+    assert int(dropped.sum()) == n and abs(n / 4000 - 0.3) < 0.03
+    assert torch.equal(out[~dropped], text[~dropped])  # the others untouched
+    again, _ = drop_captions(text, 0.3, np.random.default_rng(7), config)
+    assert torch.equal(again, out)  # the same rng decides the same rows
+    assert drop_captions(text, 0.0, np.random.default_rng(7), config) == (text, 0)
+    assert drop_captions(text, 1.0, np.random.default_rng(7), config)[1] == 4000
+    with pytest.raises(ValueError, match="caption dropout 1.5"):
+        drop_captions(text, 1.5, np.random.default_rng(7), config)

@@ -117,7 +117,7 @@ def shards(workdir):
 
 def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdir, dvae_dir, shards):
     cfg = ds_config(workdir, 2)
-    stream = ("--data", shards, "--data-workers", 2, "--shuffle-buffer", 16)
+    stream = ("--data", shards, "--data-workers", 2, "--shuffle-buffer", 16, "--caption-dropout", 0.5)
     ref = workdir / "stream_ref"
     proc = launch("train_dalle.py", *train_args(dvae_dir, ref, cfg, "--check-sync", *stream))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -128,6 +128,8 @@ def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdi
     crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg, *stream), {"kill_after_step": 5})
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-6, atol=1e-6)
     assert json.loads((out / "data_counts.json").read_text()) == counts  # the resumed stream did not repeat
+    shares = [json.loads(line)["null_caption_share"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert len(shares) == STEPS and 0 < sum(shares) / STEPS < 1, shares  # caption dropout (seeded) took part
 
 
 def test_dalle_trains_on_codes_precomputed_by_encode_images(workdir, dvae_dir, shards):

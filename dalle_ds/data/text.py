@@ -14,7 +14,7 @@ import torch
 from ..models.config import DalleConfig
 from ..models.dalle import pad_text
 
-__all__ = ["UNK_TOKEN", "CaptionEncoder", "encode_captions", "load_tokenizer", "train_tokenizer"]
+__all__ = ["UNK_TOKEN", "CaptionEncoder", "drop_captions", "encode_captions", "load_tokenizer", "train_tokenizer"]
 
 UNK_TOKEN = "[UNK]"
 
@@ -99,6 +99,21 @@ def encode_captions(
             )
         ids = _bpe_encode(tokenizer, captions, bpe_dropout, rng)
     return pad_text(ids, config)
+
+
+def drop_captions(
+    text: torch.Tensor, p: float, rng: np.random.Generator, config: DalleConfig
+) -> tuple[torch.Tensor, int]:
+    """Caption dropout for classifier-free guidance: each row of ``text`` (B, text_len) becomes the
+    null caption (all padding, what ``DALLE.generate(cond_scale=...)`` contrasts with) with
+    probability ``p``, decided by ``rng``. Returns (text, number of rows dropped)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"caption dropout {p} must be in [0, 1]")
+    drop = torch.from_numpy(rng.random(text.shape[0]) < p)
+    if not drop.any():
+        return text, 0
+    null = pad_text([[]], config).to(text.device)
+    return torch.where(drop.to(text.device)[:, None], null, text), int(drop.sum())
 
 
 class CaptionEncoder:

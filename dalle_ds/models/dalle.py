@@ -201,6 +201,7 @@ class DALLE(nn.Module):
         use_cache: bool = True,
         num_samples: int = 1,
         cache: str = "full",
+        cond_scale: float = 1.0,
     ) -> torch.Tensor:
         """Sample image codes (B * num_samples, N) token by token given padded text (B, text_len).
 
@@ -211,6 +212,11 @@ class DALLE(nn.Module):
         'full' keeps every position, 'bounded' only what each layer kind can still see, see
         :mod:`dalle_ds.models.kv_cache`), so each step runs one position through the network;
         without it each step recomputes the whole prefix (the reference the caches are tested against).
+
+        ``cond_scale`` != 1: classifier-free guidance. Every row also runs with the null caption (all
+        padding, what training with ``--caption-dropout`` shows the model), and each draw uses
+        ``null + cond_scale * (text - null)`` logits: 0 samples as the null caption, 1 (default,
+        no second pass) as the caption, > 1 pushes further towards what the caption changes.
 
         The loop runs on the text's device and never reads a tensor back to the host: each draw is
         :func:`sample_logits`. ``generator`` on that device is used as is; one on another device
@@ -229,18 +235,27 @@ class DALLE(nn.Module):
         if L0:
             codes[:, :L0] = prime.to(device).long().repeat_interleave(num_samples, 0)
         generator = device_generator(generator, device)
+        guided = cond_scale != 1
+        if guided:  # rows [text; null caption]: the null half sees the same codes
+            text = torch.cat([text, pad_text([[]] * B, c).to(device)])
 
         def draw(logits):
+            if guided:
+                cond, null = logits.chunk(2)
+                logits = null + cond_scale * (cond - null)
             return sample_logits(logits, top_k, top_p, temperature, generator)[:, 0]
+
+        def rows(new):  # the codes of every row of the network's batch
+            return torch.cat([new, new]) if guided else new
 
         if not use_cache:
             text = text.repeat_interleave(num_samples, 0)
             for i in range(L0, c.image_len):
-                codes[:, i] = draw(self.next_image_logits(text, codes[:, :i]))
+                codes[:, i] = draw(self.next_image_logits(text, rows(codes[:, :i])))
             return codes
         caches = [(KVCache if cache == "full" else BoundedKVCache)() for _ in self.blocks]
         w_image = self._unembed_weights()[1].float()
-        h = self.embed(text, codes[::num_samples, :L0])  # prefill: text and primed codes in one pass
+        h = self.embed(text, rows(codes[::num_samples, :L0]))  # prefill: text and primed codes in one pass
         for i in range(L0, c.image_len):
             for block, kv in zip(self.blocks, caches, strict=True):
                 h = block(h, kv)
@@ -249,7 +264,7 @@ class DALLE(nn.Module):
                 for kv in caches:
                     kv.expand(num_samples)
             codes[:, i] = draw(F.linear(self.ln_f(h[:, -1]).float(), w_image))
-            h = self.drop(self._image_embed(codes[:, i : i + 1], i))
+            h = self.drop(self._image_embed(rows(codes[:, i : i + 1]), i))
         return codes
 
     def forward(

@@ -19,6 +19,14 @@ from .grad_scaling import GradScalingConfigError
 __all__ = ["base_arg_parser", "dalle_arg_parser", "dvae_arg_parser", "exit_process", "main_dalle", "main_dvae"]
 
 
+def probability(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return value
+
+
 def base_arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", required=True, help="model preset name or YAML config")
@@ -91,6 +99,7 @@ def dalle_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: train one on the captions)")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--bpe-dropout", type=float, default=0.1, help="BPE dropout (seeded by seed, rank and step)")
+    p.add_argument("--caption-dropout", type=probability, default=0.0, help="share of null captions (for --cond-scale)")
     return p
 
 

@@ -24,6 +24,7 @@ __all__ = ["DalleTrainer"]
 
 CAPTIONS = 2  # derive_seed domain of the stream workers' BPE dropout (0: noise, 1: data order)
 BPE_DROPOUT = 3  # numpy_rng domain of the synthetic path's BPE dropout
+CAPTION_DROPOUT = 4  # numpy_rng domain of caption dropout (classifier-free guidance)
 
 
 class DalleTrainer(Trainer):
@@ -165,7 +166,7 @@ class DalleTrainer(Trainer):
         atomic_write_text(self.out / "images" / f"samples_{step:08d}.txt", "\n".join(captions) + "\n")
 
     def compute_loss(self, batch):
-        from ..data.text import encode_captions
+        from ..data.text import drop_captions, encode_captions
 
         if "text" in batch:  # a stream's batch, tokenized by its data worker
             text = batch["text"]
@@ -174,7 +175,13 @@ class DalleTrainer(Trainer):
             rng = numpy_rng(self.args.seed, BPE_DROPOUT, self.rank, self.micro_step) if dropout > 0 else None
             text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
         text = text.to(self.engine.device)
+        dropped = 0
+        if self.args.caption_dropout > 0:  # a pure function of (seed, rank, micro step), like BPE dropout
+            rng = numpy_rng(self.args.seed, CAPTION_DROPOUT, self.rank, self.micro_step)
+            text, dropped = drop_captions(text, self.args.caption_dropout, rng, self.config)
         codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
         out = self.engine(text, image_codes=codes)
         metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
+        if self.args.caption_dropout > 0:  # rank 0's share of null captions this step
+            metrics["null_caption_share"] = dropped / text.shape[0]
         return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len

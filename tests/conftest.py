@@ -64,3 +64,26 @@ def fp16_on_cpu():
 
     with mock.patch.object(type(get_accelerator()), "is_fp16_supported", return_value=True):
         yield
+
+
+def save_clip(root, tok_file, flip_text=False):
+    """A tiny randomly initialised CLIP saved like a hub model (weights, image processor, tokenizer)
+    into ``root``; ``flip_text`` negates its text projection."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 32},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16,
+    )  # fmt: skip
+    model = CLIPModel(config)
+    if flip_text:
+        with torch.no_grad():
+            model.text_projection.weight.neg_()
+    model.save_pretrained(root)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
+    PreTrainedTokenizerFast(tokenizer_file=str(tok_file), pad_token="[UNK]").save_pretrained(root)
+    return root

@@ -14,7 +14,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, save_clip
 from fid_features import PooledLinear
 
 import dalle_ds.inference.generation as generation
@@ -46,27 +46,6 @@ def clip_dir(tmp_path_factory, tok_file):
     text projection negated: this random CLIP's image and text embeddings point apart (every cosine
     < 0), so unflipped its CLIP scores would all clamp to 0 and hide what is compared."""
     return save_clip(tmp_path_factory.mktemp("clip"), tok_file, flip_text=True)
-
-
-def save_clip(root, tok_file, flip_text):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 32},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2},
-        projection_dim=16,
-    )  # fmt: skip
-    model = CLIPModel(config)
-    if flip_text:
-        with torch.no_grad():
-            model.text_projection.weight.neg_()
-    model.save_pretrained(root)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
-    PreTrainedTokenizerFast(tokenizer_file=str(tok_file), pad_token="[UNK]").save_pretrained(root)
-    return root
 
 
 def fid_closed_form(f1: np.ndarray, f2: np.ndarray) -> float:

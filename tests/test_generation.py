@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, save_clip
 from PIL import Image
 
 from dalle_ds import DALLE, DiscreteVAE, get_preset
@@ -28,22 +28,7 @@ def pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory, pipeline_dir):
     """A tiny randomly initialised CLIP, saved like a hub model (weights, image processor, tokenizer)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 32},
-        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2},
-        projection_dim=16,
-    )  # fmt: skip
-    CLIPModel(config).save_pretrained(root)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(pipeline_dir / "tokenizer.json"), pad_token="[UNK]")
-    tok.save_pretrained(root)
-    return root
+    return save_clip(tmp_path_factory.mktemp("clip"), pipeline_dir / "tokenizer.json")
 
 
 def test_pipeline_round_trip_and_seeded_sampling(pipeline_dir):

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from dalle_ds.inference.big_model import add_loading_args, load_pipeline_from_args
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--fid-weights", default=None, help="a local copy of the FID Inception weights (offline)")
     p.add_argument("--fid-feature-extractor", default=None, help="module:callable returning an nn.Module")
     p.add_argument("--out", default=None)
+    add_loading_args(p)
     args = p.parse_args()
     if not (args.checkpoint or args.dvae):
         p.error("give --checkpoint and/or --dvae")
@@ -73,17 +76,21 @@ def main() -> None:
 
     from dalle_ds.data.synthetic import ALL_COMBOS, SyntheticShapes, caption_of
     from dalle_ds.inference.evaluation import caption_accuracy, dvae_metrics, validation_loss
-    from dalle_ds.inference.generation import clip_scores, load_pipeline
+    from dalle_ds.inference.generation import clip_scores
     from dalle_ds.inference.serialization import load_dvae
     from dalle_ds.utils.images import as_float_image
 
     model = tokenizer = None
     if args.checkpoint:
-        model, tokenizer = load_pipeline(args.checkpoint)
+        model, tokenizer = load_pipeline_from_args(p, args)
         dvae = model.dvae
     else:
-        dvae = load_dvae(args.dvae)
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dvae = load_dvae(args.dvae, args.device)
     size = dvae.config.image_size
+    for metric in (fid, clip):  # computed where the samples are made
+        if metric is not None:
+            metric.to(args.device)
 
     def batches():
         if args.data == "synthetic":

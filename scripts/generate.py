@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dalle_ds.inference.big_model import add_loading_args, load_pipeline_from_args
 
 
 def main() -> None:
@@ -43,34 +43,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prime-image", default=None)
     p.add_argument("--prime-rows", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer weights (the dVAE stays fp32)")
     p.add_argument("--cache", choices=["full", "bounded"], default="full", help="KV cache: every position or per kind")
-    p.add_argument("--device-map", default=None, help="auto|balanced|balanced_low_0|sequential: spread the model")
-    p.add_argument("--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-    p.add_argument("--offload-folder", default=None, help="with --device-map: where blocks that fit nowhere go")
+    add_loading_args(p)
     args = p.parse_args()
-    if args.device_map is None and (args.max_memory or args.offload_folder):
-        p.error("--max-memory and --offload-folder place layers: they need --device-map")
 
-    from dalle_ds.inference.generation import load_pipeline, rerank, sample_images
+    from dalle_ds.inference.generation import rerank, sample_images
     from dalle_ds.utils.images import save_grid
 
-    dtype = DTYPES[args.dtype]
-    if args.device_map:
-        from dalle_ds.inference.big_model import load_pipeline_dispatched, parse_max_memory
-
-        try:
-            max_memory = parse_max_memory(args.max_memory)
-        except ValueError as e:
-            p.error(str(e))
-        model, tokenizer = load_pipeline_dispatched(
-            args.checkpoint, args.device_map, max_memory, args.offload_folder, dtype
-        )
-        args.device = str(model.text_emb.weight.device)  # the main device: the sampling loop and the dVAE
-    else:
-        model, tokenizer = load_pipeline(args.checkpoint, map_location=args.device)
-        model.to(dtype).dvae.float()
+    model, tokenizer = load_pipeline_from_args(p, args)
     prime = None
     if args.prime_image:
         import numpy as np

@@ -2,6 +2,7 @@
 budget sample the same tokens as the model loaded whole; placement arithmetic; generate.py flags."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -158,3 +159,27 @@ def test_generate_script_with_a_device_map_writes_the_same_grid(pipelines, tmp_p
     assert bad.returncode == 2 and "need --device-map" in bad.stderr
     bad = run(tmp_path / "bad.png", "--device-map", "auto", "--max-memory", "disk=lots")
     assert bad.returncode == 2 and "DEVICE=SIZE" in bad.stderr
+
+
+def test_evaluate_script_with_blocks_on_disk_reports_the_same_numbers(pipelines, tmp_path):
+    """evaluate.py loads through the same options: validation loss and caption accuracy of the
+    spread model (blocks on disk, guided sampling) equal the whole model's."""
+
+    holdout = tmp_path / "holdout.json"
+    holdout.write_text(json.dumps([caption_of(c) for c in ALL_COMBOS[:6]]))
+
+    def run(name, *extra):
+        cmd = [sys.executable, str(ROOT / "scripts/evaluate.py"), "--checkpoint", str(pipelines["single"]),
+               "--num", "8", "--per-caption", "2", "--holdout", str(holdout), "--cond-scale", "2",
+               "--out", str(tmp_path / name), *extra]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name).read_text())
+
+    whole = run("whole.json")
+    spread = run("spread.json", "--device-map", "sequential", "--max-memory", f"cpu={222_208 + 2 * BLOCK_BYTES}",
+                 "--offload-folder", str(tmp_path / "off"))  # fmt: skip
+    assert spread["caption_accuracy"] == whole["caption_accuracy"] and spread["dvae"] == whole["dvae"]
+    assert whole["caption_accuracy"]["samples"] == 12
+    for key, value in whole["validation"].items():
+        assert math.isclose(spread["validation"][key], value, rel_tol=1e-6), key

@@ -19,6 +19,7 @@ are a small part of the model (``dalle-12b``: 0.2B of 12B parameters). The dVAE 
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -27,9 +28,18 @@ import torch
 from ..models.dalle import DALLE
 from .serialization import CONFIG_NAME, INDEX_NAME, load_dvae, model_from_config, weight_files
 
-__all__ = ["DEVICE_MAPS", "infer_device_map", "load_pipeline_dispatched", "parse_max_memory"]
+__all__ = [
+    "DEVICE_MAPS",
+    "DTYPES",
+    "add_loading_args",
+    "infer_device_map",
+    "load_pipeline_dispatched",
+    "load_pipeline_from_args",
+    "parse_max_memory",
+]
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_SPLIT = ["Block"]  # a residual block (attention + MLP) is never split across devices
 
 
@@ -138,3 +148,38 @@ def load_pipeline_dispatched(
     model.set_dvae(load_dvae(directory / DVAE_DIR, main))
     model.hf_device_map = placement
     return model.eval(), load_tokenizer(directory / TOKENIZER_FILE)
+
+
+def add_loading_args(p: argparse.ArgumentParser) -> None:
+    """The options of scripts that sample from a pipeline folder: where and in which dtype it runs."""
+    p.add_argument("--device", default=None, help="cuda if available, else cpu (without --device-map)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="transformer weights (the dVAE stays fp32)")
+    p.add_argument("--device-map", default=None, help=f"{'|'.join(DEVICE_MAPS)}: spread the blocks over devices")
+    p.add_argument("--max-memory", default=None, help="with --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: where blocks that fit nowhere go")
+
+
+def load_pipeline_from_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """(model, tokenizer) from ``args.checkpoint`` as :func:`add_loading_args`' options say; sets
+    ``args.device`` to the main device (where the sampling loop, the dVAE and the inputs go)."""
+    from .generation import load_pipeline
+
+    if args.device_map is None and (args.max_memory or args.offload_folder):
+        p.error("--max-memory and --offload-folder place layers: they need --device-map")
+    dtype = DTYPES[args.dtype]
+    if args.device_map:
+        if args.device:
+            p.error("--device and --device-map exclude each other: the map's first GPU is the main device")
+        try:
+            max_memory = parse_max_memory(args.max_memory)
+        except ValueError as e:
+            p.error(str(e))
+        model, tokenizer = load_pipeline_dispatched(
+            args.checkpoint, args.device_map, max_memory, args.offload_folder, dtype
+        )
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_pipeline(args.checkpoint, map_location=device)
+        model.to(dtype).dvae.float()
+    args.device = str(model.text_emb.weight.device)
+    return model, tokenizer

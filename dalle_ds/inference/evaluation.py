@@ -19,14 +19,17 @@ def dvae_metrics(dvae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """Reconstruction MSE / PSNR (images in [0, 1]) and codebook use over all batches:
     ``perplexity`` = exp(entropy of the code histogram), ``usage`` = share of codes used at least
     once, ``dead_codes`` = codes never used."""
-    counts = torch.zeros(dvae.config.codebook_size, dtype=torch.float64)
-    se, pixels = 0.0, 0
+    device = next(dvae.parameters()).device
+    counts = torch.zeros(dvae.config.codebook_size, dtype=torch.float64, device=device)
+    se, pixels = torch.zeros((), dtype=torch.float64, device=device), 0
     for images in batches:
+        images = images.to(device)
         codes = dvae.encode(images)
         recon = dvae.decode(codes).float().clamp(0, 1)
-        se += float(((recon - images.float()) ** 2).sum())
+        se += ((recon - images.float()) ** 2).sum().double()  # summed on the device: one read at the end
         pixels += images.numel()
         counts += torch.bincount(codes.reshape(-1), minlength=counts.numel()).double()
+    counts, se = counts.cpu(), float(se)
     mse = se / max(pixels, 1)
     p = counts / counts.sum()
     entropy = -float((p[p > 0] * p[p > 0].log()).sum())
@@ -48,9 +51,13 @@ def validation_loss(model, tokenizer, batches: Iterable[dict]) -> dict[str, floa
     totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
     was = model.training
     model.eval()
+    device = model.text_emb.weight.device  # the main device, also when accelerate spreads the blocks
     for batch in batches:
-        text = encode_captions(tokenizer, batch["caption"], model.config)
-        out = model(text, image_codes=batch["codes"]) if "codes" in batch else model(text, images=batch["image"])
+        text = encode_captions(tokenizer, batch["caption"], model.config).to(device)
+        if "codes" in batch:
+            out = model(text, image_codes=batch["codes"].to(device))
+        else:
+            out = model(text, images=batch["image"].to(device))
         b = len(batch["caption"])
         for key in totals:
             totals[key] += float(getattr(out, key)) * b
@@ -82,7 +89,7 @@ def caption_accuracy(model, tokenizer, combos: list[Combo], per_caption: int = 4
     images, order = [], []
     for i, combo in enumerate(combos):
         imgs, _ = sample_images(model, tokenizer, caption_of(combo), per_caption, seed=derive_seed(seed, i), **sampling)
-        images.append(imgs)
+        images.append(imgs.cpu())
         order += [combo] * per_caption
     images = torch.cat(images)
     return attribute_accuracy(images, order), images, order

@@ -22,6 +22,12 @@ attention/fp32, attention/bf16
 kvcache/fp32
     ``generate(use_cache=True)`` equals ``use_cache=False`` token for token (fixed seeds, fp32,
     ``dalle-small``); tokens/s of both.
+sampling/pipeline
+    A random-weight ``dalle-small`` pipeline saved as shards: the full cache, the bounded cache and
+    recomputation draw the same tokens (fp32, plain and ``cond_scale=3``, shared prefill, primed
+    rows); CUDA's sync debug mode finds no synchronising call that grows with the tokens drawn; bf16
+    samples valid codes; accelerate with blocks on GPU 0, the CPU and disk samples the same tokens;
+    FID (small extractor) is computed on the device.
 throughput/dalle-1.3b
     bf16 training steps (autocast, fused AdamW, torch only) of ``dalle-1.3b``: tokens/s and model
     FLOPs utilisation against the GPU's peak dense bf16 FLOP/s (``PEAK_BF16`` in ``gpucheck/throughput.py``).

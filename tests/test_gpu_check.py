@@ -40,10 +40,10 @@ def test_list_names_every_check():
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     trainers = [f"train/{t}/zero{z}_{p}" for t in ("dvae", "dalle") for z in (2, 3) for p in ("fp16", "bf16")]
     assert sorted(names) == sorted([*trainers, "attention/fp32", "attention/bf16", "kvcache/fp32",
-                                    "throughput/dalle-1.3b"])  # fmt: skip
+                                    "sampling/pipeline", "throughput/dalle-1.3b"])  # fmt: skip
     smoke = [line.split()[0] for line in run("--list", "--cpu-smoke").stdout.splitlines()]
     assert smoke == ["train/dalle/cpu_zero2_fp32", "attention/fp32", "attention/bf16", "kvcache/fp32",
-                     "throughput/dalle-tiny"]  # fmt: skip
+                     "sampling/pipeline", "throughput/dalle-tiny"]  # fmt: skip
 
 
 def test_without_cuda_it_says_so_and_exits_2(tmp_path):
@@ -90,7 +90,7 @@ def test_cpu_smoke_runs_its_checks_and_writes_the_report(tmp_path):
     assert report["ok"] and report["mode"] == "cpu-smoke" and report["failed"] == 0
     by_name = {c["name"]: c for c in report["checks"]}
     assert set(by_name) == {"train/dalle/cpu_zero2_fp32", "attention/fp32", "attention/bf16", "kvcache/fp32",
-                            "throughput/dalle-tiny"}  # fmt: skip
+                            "sampling/pipeline", "throughput/dalle-tiny"}  # fmt: skip
     assert all(c["status"] == "PASS" for c in by_name.values())
     train = by_name["train/dalle/cpu_zero2_fp32"]["details"]  # through the deepspeed launcher, 1 CPU rank
     assert train["steps"] == 8 and train["complete_checkpoints"] == ["step00000004", "step00000008"]
@@ -98,7 +98,10 @@ def test_cpu_smoke_runs_its_checks_and_writes_the_report(tmp_path):
     assert all(info["ok"] for info in by_name["attention/bf16"]["details"]["kinds"].values())
     assert all(r["equal"] for r in by_name["kvcache/fp32"]["details"]["runs"])
     assert by_name["throughput/dalle-tiny"]["details"]["mfu"] is None  # no peak for a CPU
-    assert "[PASS] kvcache/fp32" in proc.stdout and "5 passed, 0 failed" in proc.stdout
+    sampling = by_name["sampling/pipeline"]["details"]
+    assert sampling["fp32_cond_scale_3_same_tokens"] and sampling["dispatched"]["same_tokens"]
+    assert sampling["dispatched"]["blocks_on"] == ["cpu", "disk"] and sampling["bf16_full"]["valid"]
+    assert "[PASS] kvcache/fp32" in proc.stdout and "6 passed, 0 failed" in proc.stdout
     # Results and report are written through atomic_path: no temporary file is left behind.
     assert not [p.name for p in tmp_path.rglob("*.tmp")]
 

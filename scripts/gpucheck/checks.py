@@ -73,6 +73,13 @@ def all_checks(smoke: bool = False) -> list[Check]:
             f"generate(use_cache=True) == use_cache=False token for token, tokens/s "
             f"({'dalle-tiny, CPU' if smoke else 'dalle-small, CUDA'})",
         ),
+        Check(
+            "sampling/pipeline",
+            "sampling",
+            240 if smoke else 400,
+            "a saved pipeline: cache modes and guidance agree in fp32, no per-token host sync, bf16, "
+            f"accelerate blocks on GPU/CPU/disk sample the same tokens, FID on the device ({where})",
+        ),
     ]
     if smoke:
         checks.append(

@@ -15,6 +15,7 @@ from .context import CheckFailed, Ctx
 from .kernel_checks import worker_attention, worker_kvcache
 from .procs import stop_children
 from .report import result_path
+from .sampling_checks import worker_sampling
 from .throughput import worker_throughput
 from .training_checks import worker_train
 
@@ -24,6 +25,7 @@ WORKERS = {
     "train": worker_train,
     "attention": worker_attention,
     "kvcache": worker_kvcache,
+    "sampling": worker_sampling,
     "throughput": worker_throughput,
 }
 

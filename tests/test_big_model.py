@@ -51,8 +51,10 @@ def test_tiny_block_size_matches_accelerate():
     assert compute_module_sizes(model)["blocks.0"] == BLOCK_BYTES
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded"])
-@pytest.mark.parametrize(("device_map", "blocks_in_memory"), [("sequential", 2), ("balanced", 1), ("auto", 0)])
+@pytest.mark.parametrize(
+    ("layout", "device_map", "blocks_in_memory"),
+    [("single", "sequential", 2), ("sharded", "sequential", 1), ("sharded", "balanced", 1), ("single", "auto", 0)],
+)
 def test_offloaded_blocks_sample_the_same_tokens(pipelines, layout, device_map, blocks_in_memory, tmp_path):
     """A CPU budget that holds the embeddings and head plus 0-2 of the 4 blocks (and room for the
     offloaded block being run, which accelerate reserves): the rest are written to the offload folder

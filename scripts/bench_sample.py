@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle_ds import DALLE, DalleConfig, layer_schedule
+from dalle_ds.inference.big_model import DTYPES
 from dalle_ds.models.dalle import filter_logits, sample_logits
 from dalle_ds.models.kv_cache import BoundedKVCache, KVCache
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=int, default=32)
     p.add_argument("--image-vocab", type=int, default=8192)
     p.add_argument("--device", default="cpu", help="e.g. cuda: timings synchronise the device")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         p.error(f"--tokens must be in [1, {N}] and --recompute-tokens in [1, {N // 2}]")
     torch.manual_seed(0)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     model = DALLE(config).eval().to(device, dtype)
     text = torch.randint(0, config.text_vocab_size, (1, config.text_len)).to(device)
     prime = torch.randint(0, config.image_vocab_size, (1, N - args.tokens)).to(device)

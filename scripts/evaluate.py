@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_ds.inference.big_model import add_loading_args, load_pipeline_from_args
+from dalle_ds.inference.big_model import add_loading_args, default_device, load_pipeline_from_args
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
         model, tokenizer = load_pipeline_from_args(p, args)
         dvae = model.dvae
     else:
-        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.device = default_device(args.device)
         dvae = load_dvae(args.dvae, args.device)
     size = dvae.config.image_size
     for metric in (fid, clip):  # computed where the samples are made

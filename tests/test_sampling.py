@@ -168,9 +168,9 @@ def test_the_full_cache_still_steps_several_positions_at_once():
 
 
 def _null_text(config, n):
-    from dalle_ds.models.dalle import pad_text
+    from dalle_ds.models.dalle import null_text
 
-    return pad_text([[]] * n, config)  # the null caption: every position padding
+    return null_text(config, n)  # the null caption: every position padding
 
 
 @pytest.mark.parametrize("cache", ["full", "bounded"])

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..models.config import DalleConfig
-from ..models.dalle import pad_text
+from ..models.dalle import null_text, pad_text
 
 __all__ = ["UNK_TOKEN", "CaptionEncoder", "drop_captions", "encode_captions", "load_tokenizer", "train_tokenizer"]
 
@@ -112,7 +112,7 @@ def drop_captions(
     drop = torch.from_numpy(rng.random(text.shape[0]) < p)
     if not drop.any():
         return text, 0
-    null = pad_text([[]], config).to(text.device)
+    null = null_text(config).to(text.device)
     return torch.where(drop.to(text.device)[:, None], null, text), int(drop.sum())
 
 

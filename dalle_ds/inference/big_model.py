@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from ..models.dalle import DALLE
-from .serialization import CONFIG_NAME, INDEX_NAME, load_dvae, model_from_config, weight_files
+from .serialization import CONFIG_NAME, INDEX_NAME, model_from_config, weight_files
 
 __all__ = [
     "DEVICE_MAPS",
     "DTYPES",
     "add_loading_args",
+    "default_device",
     "infer_device_map",
     "load_pipeline_dispatched",
     "load_pipeline_from_args",
@@ -71,7 +72,7 @@ def infer_device_map(model: DALLE, device_map="auto", max_memory=None, dtype=Non
     that moves its input and (if offloaded) its weights to where it runs."""
     from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory, infer_auto_device_map
 
-    blocks = {f"blocks.{i}" for i in range(len(model.blocks))}
+    blocks = [f"blocks.{i}" for i in range(len(model.blocks))]
     if isinstance(device_map, dict):
         placed = {}
         for name, device in device_map.items():
@@ -98,7 +99,7 @@ def infer_device_map(model: DALLE, device_map="auto", max_memory=None, dtype=Non
         if name:
             placed[f"blocks.{name}"] = device
         else:  # all blocks on one device
-            placed.update(dict.fromkeys(sorted(blocks, key=lambda b: int(b.split(".")[1])), device))
+            placed.update(dict.fromkeys(blocks, device))
     return placed
 
 
@@ -112,8 +113,7 @@ def load_pipeline_dispatched(
     (e.g. ``torch.bfloat16`` halves the memory; logits stay fp32)."""
     from accelerate import init_empty_weights, load_checkpoint_and_dispatch
 
-    from ..data.text import load_tokenizer
-    from .generation import DVAE_DIR, TOKENIZER_FILE
+    from .generation import attach_pipeline_parts
 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
@@ -140,14 +140,13 @@ def load_pipeline_dispatched(
         dtype=dtype,
         strict=True,
     )
-    main = placement.get("text_emb", "cpu")  # where the modules outside the blocks went
-    main = torch.device(f"cuda:{main}" if isinstance(main, int) else main)
-    for needed in (directory / TOKENIZER_FILE, directory / DVAE_DIR):
-        if not needed.exists():
-            raise FileNotFoundError(f"{needed} is missing: a pipeline folder needs {TOKENIZER_FILE} and {DVAE_DIR}/")
-    model.set_dvae(load_dvae(directory / DVAE_DIR, main))
-    model.hf_device_map = placement
-    return model.eval(), load_tokenizer(directory / TOKENIZER_FILE)
+    model, tokenizer = attach_pipeline_parts(directory, model.eval(), model.text_emb.weight.device)
+    return model, tokenizer  # model.hf_device_map: the placement (set by accelerate)
+
+
+def default_device(requested: str | None = None) -> str:
+    """``requested``, else the GPU when there is one, else the CPU."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def add_loading_args(p: argparse.ArgumentParser) -> None:
@@ -178,8 +177,7 @@ def load_pipeline_from_args(p: argparse.ArgumentParser, args: argparse.Namespace
             args.checkpoint, args.device_map, max_memory, args.offload_folder, dtype
         )
     else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_pipeline(args.checkpoint, map_location=device)
+        model, tokenizer = load_pipeline(args.checkpoint, map_location=default_device(args.device))
         model.to(dtype).dvae.float()
     args.device = str(model.text_emb.weight.device)
     return model, tokenizer

@@ -38,12 +38,18 @@ def add_pipeline_parts(directory, tokenizer_file, dvae) -> Path:
 
 def load_pipeline(directory, map_location="cpu"):
     """(DALLE with its dVAE attached, tokenizers.Tokenizer) from a pipeline folder."""
-    from ..data.text import load_tokenizer
-
     directory = Path(directory)
     model = load_model(directory, map_location)
     if not isinstance(model, DALLE):
         raise ValueError(f"{directory}: holds a {type(model).__name__}, not a DALL-E transformer")
+    return attach_pipeline_parts(directory, model, map_location)
+
+
+def attach_pipeline_parts(directory, model: DALLE, map_location):
+    """(model with the folder's dVAE attached on ``map_location``, the folder's tokenizer)."""
+    from ..data.text import load_tokenizer
+
+    directory = Path(directory)
     for needed in (directory / TOKENIZER_FILE, directory / DVAE_DIR):
         if not needed.exists():
             raise FileNotFoundError(f"{needed} is missing: a pipeline folder needs {TOKENIZER_FILE} and {DVAE_DIR}/")

@@ -23,7 +23,7 @@ from .dvae import DiscreteVAE
 from .kv_cache import BoundedKVCache, KVCache
 from .masks import layer_schedule
 
-__all__ = ["DALLE", "DalleOutput", "device_generator", "filter_logits", "pad_text", "sample_logits"]
+__all__ = ["DALLE", "DalleOutput", "device_generator", "filter_logits", "null_text", "pad_text", "sample_logits"]
 
 
 def pad_text(tokens: list[list[int]], config: DalleConfig) -> torch.Tensor:
@@ -36,6 +36,12 @@ def pad_text(tokens: list[list[int]], config: DalleConfig) -> torch.Tensor:
             raise ValueError(f"text token ids {bad[:5]} outside [0, {config.text_vocab_size})")
         out[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
     return out
+
+
+def null_text(config: DalleConfig, n: int = 1) -> torch.Tensor:
+    """(n, text_len) null captions (every position padding): the condition classifier-free
+    guidance contrasts with, and what caption dropout trains on."""
+    return pad_text([[]] * n, config)
 
 
 class MLP(nn.Module):
@@ -237,7 +243,7 @@ class DALLE(nn.Module):
         generator = device_generator(generator, device)
         guided = cond_scale != 1
         if guided:  # rows [text; null caption]: the null half sees the same codes
-            text = torch.cat([text, pad_text([[]] * B, c).to(device)])
+            text = torch.cat([text, null_text(c, B).to(device)])
 
         def draw(logits):
             if guided:

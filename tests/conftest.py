@@ -29,7 +29,7 @@ def single_process_group():
     """A 1-rank gloo process group in this process, for in-process DeepSpeed engines."""
     import torch.distributed as dist
 
-    from dalle_ds.distributed.collectives import init_distributed
+    from dalle_ds.distributed.process_group import init_distributed
 
     if not dist.is_initialized():
         os.environ.update(

@@ -15,15 +15,16 @@ import pytest
 from launching import launch, train_args
 
 from dalle_ds.distributed import collectives as dd
+from dalle_ds.distributed import process_group
 
 DEVICE_FUNCTIONS = {"all_reduce", "broadcast", "reduce_scatter", "all_gather_into", "new_group"}
 HOST_FUNCTIONS = {"host_all_reduce", "all_gather_object", "barrier", "destroy"}
 
 
 def test_backend_pairs_the_accelerator_with_gloo_for_cpu_tensors():
-    assert dd.backend_for("cuda", "nccl") == "cuda:nccl,cpu:gloo"
-    assert dd.backend_for("xpu", "ccl") == "xpu:ccl,cpu:gloo"
-    assert dd.backend_for("cpu", "gloo") == "gloo"
+    assert process_group.backend_for("cuda", "nccl") == "cuda:nccl,cpu:gloo"
+    assert process_group.backend_for("xpu", "ccl") == "xpu:ccl,cpu:gloo"
+    assert process_group.backend_for("cpu", "gloo") == "gloo"
 
 
 class _FakeCuda:
@@ -46,7 +47,7 @@ def test_init_on_a_gpu_asks_for_nccl_plus_gloo_and_sets_the_device(monkeypatch):
         mock.patch("deepspeed.init_distributed") as init,
         mock.patch.object(dd, "_device_types", return_value={"cuda", "cpu"}),
     ):
-        dd.init_distributed()
+        process_group.init_distributed()
     assert init.call_args.kwargs["dist_backend"] == "cuda:nccl,cpu:gloo"
     assert fake.device == 3
     assert dd._HOST_GROUP is None  # the default group takes CPU tensors itself
@@ -63,7 +64,7 @@ def test_a_default_group_without_cpu_backend_gets_a_gloo_group_for_bookkeeping(m
         mock.patch.object(dd.dist, "is_initialized", return_value=True),
         mock.patch.object(dd.dist, "get_backend_config", return_value="cuda:nccl"),
     ):
-        dd.init_distributed()
+        process_group.init_distributed()
         assert init.call_args.kwargs["dist_backend"] == "nccl"
         assert new_group.call_args.kwargs == {"backend": "gloo"}
         assert dd.host_group() is sentinel

@@ -80,6 +80,81 @@ def test_layers_import_only_the_layers_below_them():
     assert seen == set(LAYERS)
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, modules: set[str]) -> set[str]:
+    """The dalle_ds modules a module imports anywhere in its body (lazy imports inside functions
+    included): ``from .x import y`` names ``...x.y`` when that is a module, else ``...x``."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                root = ".".join(base + ([node.module] if node.module else []))
+            else:
+                root = node.module or ""
+            targets = [f"{root}.{a.name}" if f"{root}.{a.name}" in modules else root for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t in modules and t != name)
+    return out
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle of the import graph, each as one closed path (found by depth-first search)."""
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return cycles
+
+
+def test_no_import_circle_inside_the_package():
+    """No module reaches itself through imports, lazy ones inside functions included (the top-level
+    ``dalle_ds/__init__.py`` only re-exports and is imported by nothing inside)."""
+    paths = [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"]
+    modules = {module_name(p) for p in paths}
+    graph = {module_name(p): module_imports(p, modules) for p in paths}
+    assert import_cycles(graph) == []
+
+
+def test_the_circle_check_finds_a_lazy_circle(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import thing\n")
+    (pkg / "c.py").write_text("from .a import x\n")
+    paths = sorted(pkg.glob("*.py"))
+    name = lambda p: f"pkg.{p.stem}"  # noqa: E731
+    modules = {name(p) for p in paths}
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        graph = {name(p): module_imports(p, modules) for p in paths}
+    finally:
+        ROOT = saved
+    assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+
+
 def test_deepspeed_is_imported_by_the_adapter_only():
     for path in PACKAGE.rglob("*.py"):
         if path.name == "ds_adapter.py":

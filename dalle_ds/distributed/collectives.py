@@ -7,18 +7,19 @@ Two kinds of traffic, two rules:
 - **Host-side bookkeeping** (the data stream's end-of-epoch flag, peak memory, checkpoint and
   sync checks, Python objects, barriers) is CPU tensors on :func:`host_group`.
 
-:func:`init_distributed` creates the default group with a per-device backend where the
-accelerator is not the CPU (``"cuda:nccl,cpu:gloo"``, as torchtitan does), so one group serves
-both: CUDA tensors go through NCCL and CPU tensors through gloo. A group that was created without
-a CPU backend (by a caller that initialised torch.distributed itself) gets a separate gloo group
-for the bookkeeping. Nothing else in the package calls ``torch.distributed`` collectives directly:
+:func:`dalle_ds.distributed.process_group.init_distributed` creates the default group with a
+per-device backend where the accelerator is not the CPU (``"cuda:nccl,cpu:gloo"``, as torchtitan
+does), so one group serves both: CUDA tensors go through NCCL and CPU tensors through gloo. A group
+that was created without a CPU backend (by a caller that initialised torch.distributed itself) gets
+a separate gloo group for the bookkeeping (:func:`set_host_group`). This module needs no DeepSpeed;
+process-group creation, which does, stands above it. Nothing else in the package calls
+``torch.distributed`` collectives directly:
 ``tests/test_distributed.py`` records every call during multi-process training runs and checks
 this.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from typing import Any
 
@@ -30,52 +31,23 @@ __all__ = [
     "all_gather_object",
     "all_gather_into",
     "all_reduce",
-    "backend_for",
     "barrier",
     "broadcast",
     "destroy",
     "free_port",
+    "has_cpu_backend",
     "host_all_reduce",
     "host_group",
-    "init_distributed",
     "is_initialized",
     "new_group",
     "rank",
     "reduce_scatter",
+    "set_host_group",
     "world_size",
 ]
 
 _HOST_GROUP: Any = None  # None: the default group takes CPU tensors itself
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-def backend_for(device_type: str, device_backend: str) -> str:
-    """The default group's backend: the accelerator's own plus gloo for CPU tensors.
-
-    ``backend_for("cuda", "nccl") == "cuda:nccl,cpu:gloo"``; on the CPU accelerator the CPU
-    backend alone (``"gloo"``)."""
-    if device_type == "cpu":
-        return device_backend
-    return f"{device_type}:{device_backend},cpu:gloo"
-
-
-def init_distributed(dist_backend: str | None = None, **kwargs) -> None:
-    """Create the default process group (through DeepSpeed) so that it takes CPU and device tensors.
-
-    ``dist_backend`` (or ``DALLE_DS_DIST_BACKEND``) overrides the choice of :func:`backend_for`.
-    Checks the DeepSpeed version first (:mod:`.ds_adapter`).
-    """
-    from . import ds_adapter
-
-    global _HOST_GROUP
-    device_type, device_backend = ds_adapter.accelerator()
-    backend = dist_backend or os.environ.get("DALLE_DS_DIST_BACKEND") or backend_for(device_type, device_backend)
-    ds_adapter.init_process_group(backend, **kwargs)
-    if device_type != "cpu" and "LOCAL_RANK" in os.environ:  # (MPI discovery sets it during init)
-        ds_adapter.set_device(int(os.environ["LOCAL_RANK"]))  # object collectives and NCCL need it set
-    _HOST_GROUP = None
-    if "cpu" not in _device_types(None):
-        _HOST_GROUP = dist.new_group(backend="gloo")  # every rank, same order: right after init
 
 
 def _device_types(group) -> set[str]:
@@ -95,12 +67,23 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
 
 
+def has_cpu_backend(group=None) -> bool:
+    """Whether the group (default: the default group) takes CPU tensors itself."""
+    return "cpu" in _device_types(group)
+
+
+def set_host_group(group) -> None:
+    """Make ``group`` the one for CPU tensors (None: the default group takes them)."""
+    global _HOST_GROUP
+    _HOST_GROUP = group
+
+
 def host_group():
     """The group for CPU tensors and Python objects (None: the default group takes them)."""
-    if _HOST_GROUP is None and is_initialized() and "cpu" not in _device_types(None):
+    if _HOST_GROUP is None and is_initialized() and not has_cpu_backend():
         raise RuntimeError(
             f"the default process group ({dist.get_backend_config()}) has no CPU backend and "
-            f"dalle_ds.distributed.collectives.init_distributed did not create it: initialise through it, or with "
+            f"dalle_ds.distributed.process_group.init_distributed did not create it: initialise through it, or with "
             f'a per-device backend such as "cuda:nccl,cpu:gloo"'
         )
     return _HOST_GROUP

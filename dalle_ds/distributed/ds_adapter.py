@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .errors import CommHookError
+
 __all__ = [
     "MODEL_STATES",
     "SUPPORTED_DEEPSPEED",
@@ -300,8 +302,6 @@ def attach_comm_hook(engine, hook) -> None:
     refused: it reduce-scatters partitioned gradients, with no per-matrix view to compress. The hook's
     ``skips_non_finite`` is set when the engine skips overflowed steps (fp16).
     """
-    from .powersgd import CommHookError
-
     stage = engine.zero_optimization_stage()
     if stage == 3:
         raise CommHookError(

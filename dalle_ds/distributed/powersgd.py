@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import collectives as dd
+from .errors import CommHookError
 
 __all__ = [
     "COMM_HOOKS",
@@ -43,10 +44,6 @@ __all__ = [
 ]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class CommHookError(ValueError):
-    """A ``communication_hook`` section is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)

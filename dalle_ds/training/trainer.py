@@ -30,6 +30,7 @@ import torch
 from ..data.order import EpochOrder
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
+from ..distributed.process_group import init_distributed
 from ..distributed.ds_config import load_ds_config, prepare_ds_config, zero_stage
 from ..distributed.powersgd import build_comm_hook
 from ..models.config import load_config, save_config
@@ -74,7 +75,7 @@ class Trainer(abc.ABC):
         args = self.args
         if not args.deepspeed_config:
             raise UsageError("--deepspeed_config is required (see ds_configs/)")
-        dd.init_distributed()
+        init_distributed()
         self.rank, self.world = dd.rank(), dd.world_size()
         self.out = Path(args.output_dir)
         self.ckpt_dir = self.out / "checkpoints"

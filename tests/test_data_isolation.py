@@ -230,14 +230,14 @@ def test_trainer_flag_english_only_reaches_the_stream(tmp_path, single_process_g
     """``--english-only`` on the trainer's command line filters its stream (and its tokenizer's captions)."""
     from launching import shipped_config, train_args
 
-    from dalle_ds.training import DalleTrainer, dalle_arg_parser
+    from dalle_ds.training import DalleRunConfig, DalleTrainer, parse_run_config
 
     captions = ["a red circle at the top left", "ein roter Kreis oben links"] * 4
     (tmp_path / "s").mkdir()
     write_tar(tmp_path / "s" / "a.tar", [(f"{i}", {"png": png(), "txt": c.encode()}) for i, c in enumerate(captions)])
     cfg = shipped_config(tmp_path, "cpu_zero2_fp32")
     extra = ("--data", tmp_path / "s", "--data-workers", 0, "--english-only")
-    args = dalle_arg_parser().parse_args([str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg, *extra)])
+    args = parse_run_config(DalleRunConfig, [str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg, *extra)])
     trainer = DalleTrainer(args)
     assert trainer.stream.cfg.english_only
     seen = [c for step in range(2) for c in trainer.batch(step)["caption"]]

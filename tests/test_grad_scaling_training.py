@@ -25,10 +25,11 @@ def test_the_section_is_taken_out_before_deepspeed_sees_the_config():
 
 
 def test_the_dvae_trainer_refuses_the_section(tmp_path, single_process_group):
-    from dalle_ds.training import DVAETrainer, UsageError, dvae_arg_parser
+    from dalle_ds.training import DVAERunConfig, DVAETrainer, UsageError, parse_run_config
 
     cfg = shipped_config(tmp_path, CONFIG)
-    args = dvae_arg_parser().parse_args(
+    args = parse_run_config(
+        DVAERunConfig,
         ["--deepspeed_config", str(cfg), "--preset", "dvae-tiny", "--output-dir", str(tmp_path / "o"), "--steps", "1"]
         + ["--micro-batch-size", "2"]
     )

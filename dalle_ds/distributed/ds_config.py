@@ -62,7 +62,7 @@ def _enabled(config: dict[str, Any], section: str) -> bool:
     return bool(value.get("enabled", False)) if isinstance(value, dict) else False
 
 
-def _resolve(config: dict, key: str, given: int | None, source: str) -> int | None:
+def _resolve(config: dict, key: str, given: int | None, source: str, given_as: str) -> int | None:
     """The batch key's value: the trainer's if given; the JSON must agree or say "auto"."""
     value = config.get(key, "auto")
     if value == "auto" or value is None:
@@ -71,7 +71,7 @@ def _resolve(config: dict, key: str, given: int | None, source: str) -> int | No
         raise DeepSpeedConfigError(f'{source}: {key}={value!r} must be a positive integer or "auto"')
     if given is not None and given != value:
         raise DeepSpeedConfigError(
-            f"{source}: {key}={value} conflicts with the trainer's value {given}; set it in one place "
+            f"{source}: {key}={value} conflicts with {given_as}={given}; set it in one place "
             f'("auto" in the JSON lets the trainer fill it)'
         )
     return value
@@ -93,13 +93,17 @@ def prepare_ds_config(
     micro_batch_size: int | None = None,
     gradient_accumulation_steps: int | None = None,
     source: str = "DeepSpeed config",
+    given_as: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Validate a DeepSpeed config and fill its batch keys; returns a new dict for ``deepspeed.initialize``.
 
     ``train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps * world_size``
     must hold; keys left ``"auto"`` are filled from the trainer's values. Also refuses settings
-    known to be broken in DeepSpeed 0.19 with an explanation.
+    known to be broken in DeepSpeed 0.19 with an explanation. ``given_as`` names where the
+    trainer's batch values come from (e.g. ``{"train_micro_batch_size_per_gpu": "--micro-batch-size"}``),
+    for the error when the JSON gives another value.
     """
+    given_as = given_as or {}
     cfg = copy.deepcopy(config)
     hook = cfg.get("communication_hook")
     for section in OWN_SECTIONS:
@@ -120,8 +124,10 @@ def prepare_ds_config(
                 )
             zero["reduce_scatter"] = False
             zero["contiguous_gradients"] = True
-    micro = _resolve(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, source)
-    accum = _resolve(cfg, "gradient_accumulation_steps", gradient_accumulation_steps, source)
+    micro_key, accum_key = "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
+    micro = _resolve(cfg, micro_key, micro_batch_size, source, given_as.get(micro_key, "the trainer's value"))
+    trainer = "the trainer's value"
+    accum = _resolve(cfg, accum_key, gradient_accumulation_steps, source, given_as.get(accum_key, trainer))
     total = cfg.get("train_batch_size", "auto")
     if total not in ("auto", None) and (not isinstance(total, int) or total < 1):
         raise DeepSpeedConfigError(f'{source}: train_batch_size={total!r} must be a positive integer or "auto"')
@@ -163,7 +169,8 @@ def prepare_ds_config(
             )
     if "optimizer" in cfg or "scheduler" in cfg:
         raise DeepSpeedConfigError(
-            f"{source}: 'optimizer'/'scheduler' sections are set by the trainer (the paper's AdamW and "
-            f"schedules); remove them from the JSON"
+            f"{source}: 'optimizer'/'scheduler' sections conflict with the run config's optimizer.* and "
+            f"schedule.* settings (the paper's AdamW and schedules: --lr, --betas, --warmup-steps, ...); remove "
+            f"them from the JSON"
         )
     return cfg

@@ -1,7 +1,8 @@
 """DeepSpeed trainers for the dVAE and the DALL-E transformer.
 
 ``trainer`` (the shared loop), ``dvae_trainer`` / ``dalle_trainer`` (the two recipes), ``checkpointing``
-(format, save, resume, export), ``metrics`` (metrics.jsonl, monitors, progress), ``optim`` (AdamW groups
+(format, save, resume, export), ``run_config`` / ``run_args`` (every training setting, from flags and
+YAML), ``metrics`` (metrics.jsonl, monitors, progress), ``optim`` (AdamW groups
 and schedules), ``cli`` (command lines), ``faults`` (test-only fault injection), ``errors``.
 """
 
@@ -9,10 +10,15 @@ from .cli import dalle_arg_parser, dvae_arg_parser, exit_process, main_dalle, ma
 from .dalle_trainer import DalleTrainer
 from .dvae_trainer import DVAETrainer
 from .errors import TrainingStopped, UsageError
+from .run_args import parse_run_config
+from .run_config import DalleRunConfig, DVAERunConfig, RunConfigError
 
 __all__ = [
+    "DVAERunConfig",
     "DVAETrainer",
+    "DalleRunConfig",
     "DalleTrainer",
+    "RunConfigError",
     "TrainingStopped",
     "UsageError",
     "dalle_arg_parser",
@@ -20,4 +26,5 @@ __all__ = [
     "exit_process",
     "main_dalle",
     "main_dvae",
+    "parse_run_config",
 ]

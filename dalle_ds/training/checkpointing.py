@@ -8,6 +8,9 @@ A checkpoint is a folder ``<output>/checkpoints/stepNNNNNNNN`` holding
   numpy, DeepSpeed's activation-checkpointing tracker) plus the rank's own training state (the
   communication hook's error-feedback buffers, the data stream's position and counters);
 - ``trainer_state.pt`` (rank 0): state the trainer keeps outside the engine (e.g. the dVAE EMA);
+- ``run_config.yaml`` and ``ds_config.json`` (rank 0): the run's resolved settings and the prepared
+  DeepSpeed JSON it trained with (the same, unprepared JSON and the run config are also in the client
+  state, where ``--resume`` compares them with the resumed run's);
 - ``complete.json``, written by rank 0 after every rank has finished writing (a barrier), and only
   then ``latest`` is pointed at it. A crash at any moment leaves the previous complete checkpoint
   as the one ``--resume`` picks; incomplete folders are ignored and pruned later.
@@ -76,14 +79,18 @@ class Checkpointer:
         rank_state: dict[str, Any],
         shared_state: dict[str, Any],
         before_complete: Callable[[], None] = lambda: None,
+        files: dict[str, Path] | None = None,
     ) -> str:
         """Write checkpoint ``step``: the engine with ``client`` state, this rank's RNG states and
-        ``rank_state``, rank 0's ``shared_state``; mark it complete once every rank is done; prune."""
+        ``rank_state``, rank 0's ``shared_state`` and copies of ``files`` (name -> source: the run
+        config and DeepSpeed JSON); mark it complete once every rank is done; prune."""
         tag = f"step{step:08d}"
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         torch.save({**capture_rng_state(), **rank_state}, self.dir / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             torch.save(shared_state, self.dir / tag / "trainer_state.pt")
+            for name, source in (files or {}).items():
+                atomic_write_text(self.dir / tag / name, Path(source).read_text())
         before_complete()
         dd.barrier()
         if self.rank == 0:

@@ -17,7 +17,7 @@ from ..models.dalle import DALLE
 from ..utils.files import atomic_write_text
 from ..utils.seeding import derive_seed, numpy_rng
 from .errors import UsageError
-from .optim import adamw, cosine, lambda_lr, param_groups
+from .optim import adamw_and_schedule, param_groups
 from .trainer import Trainer
 
 __all__ = ["DalleTrainer"]
@@ -28,17 +28,16 @@ CAPTION_DROPOUT = 4  # numpy_rng domain of caption dropout (classifier-free guid
 
 
 class DalleTrainer(Trainer):
-    """The paper's transformer recipe: AdamW(0.9, 0.96, 1e-8, wd 4.5e-2, none on gains, biases and
-    embeddings), linear warmup then cosine decay, clipping from the JSON (``gradient_clipping``)."""
+    """The paper's transformer recipe (the defaults of :class:`DalleRunConfig`): AdamW(0.9, 0.96,
+    1e-8, wd 4.5e-2, none on gains, biases and embeddings), linear warmup then cosine decay, clipping
+    from the JSON (``gradient_clipping``)."""
 
     model_kind = "dalle"
 
     def build_model(self):
         if not isinstance(self.config, DalleConfig):
-            raise UsageError(f"--preset {self.args.preset} is not a DALL-E config")
-        if not self.args.dvae:
-            raise UsageError("--dvae DIR (a trained dVAE folder) is required to turn images into codes")
-        self.dvae = load_dvae(self.args.dvae)
+            raise UsageError(f"--preset {self.cfg.preset} is not a DALL-E config")
+        self.dvae = load_dvae(self.cfg.dvae)
         self.tokenizer = self._tokenizer()
         if self.zero3:
             with ds_adapter.zero3_init(self.ds_config):
@@ -64,9 +63,8 @@ class DalleTrainer(Trainer):
 
         # Stream batches are tokenized in the data workers, dropout seeded by (seed, rank, the batch's
         # place in its worker's stream); resumed streams repeat both.
-        return CaptionEncoder(
-            self.tokenizer, self.config, self.args.bpe_dropout, seed=derive_seed(self.args.seed, CAPTIONS, self.rank)
-        )
+        seed = derive_seed(self.cfg.train.seed, CAPTIONS, self.rank)
+        return CaptionEncoder(self.tokenizer, self.config, self.cfg.text.bpe_dropout, seed=seed)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) pixels -> (B, grid, grid) codes with the frozen fp32 dVAE (whatever the engine's
@@ -77,21 +75,20 @@ class DalleTrainer(Trainer):
         from ..data.text import load_tokenizer, train_tokenizer
 
         path = self.out / "tokenizer.json"
-        if self.args.tokenizer:
-            self.tokenizer_path = Path(self.args.tokenizer)
-            return load_tokenizer(self.args.tokenizer)
+        if self.cfg.text.tokenizer:
+            self.tokenizer_path = Path(self.cfg.text.tokenizer)
+            return load_tokenizer(self.cfg.text.tokenizer)
         self.tokenizer_path = path
         if self.rank == 0 and not path.exists():
-            if self.args.data == "synthetic":
+            data = self.cfg.data
+            if data.source == "synthetic":
                 captions = [caption_of(c) for c in ALL_COMBOS]
             else:  # a quick one from the stream's first captions; train a real one with train_tokenizer.py
                 import itertools
 
                 from ..data import DataConfig, iter_captions
 
-                source = DataConfig(
-                    self.args.data, caption_column=self.args.caption_column, english_only=self.args.english_only
-                )
+                source = DataConfig(data.source, caption_column=data.caption_column, english_only=data.english_only)
                 captions = itertools.islice(iter_captions(source), 100_000)
             train_tokenizer(captions, self.config.text_vocab_size, path)
         dd.barrier()
@@ -105,9 +102,9 @@ class DalleTrainer(Trainer):
             from ..inference.hub import write_model_card
 
             add_pipeline_parts(final, self.tokenizer_path, self.dvae)
-            a = self.args
-            settings = {"name": a.preset, "steps": self.step, "global batch": self.global_batch,
-                        "learning rate": a.lr, "data": a.data, "DeepSpeed config": a.deepspeed_config,
+            c = self.cfg
+            settings = {"name": c.preset, "steps": self.step, "global batch": self.global_batch,
+                        "learning rate": c.optimizer.lr, "data": c.data.source, "DeepSpeed config": c.deepspeed_config,
                         "ranks": self.world}  # fmt: skip
             grids = sorted((self.out / "images").glob("samples_*.png"))
             write_model_card(final, settings, sample_grid=grids[-1] if grids else None)
@@ -118,25 +115,15 @@ class DalleTrainer(Trainer):
         return self.model.blocks
 
     def build_optimizer(self, model):
-        a = self.args
-        lr = a.lr if a.lr is not None else 4.5e-4
-        opt = adamw(
-            param_groups(model, 4.5e-2), self.ds_config, lr=lr, betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2
-        )
-        warmup = a.warmup_steps if a.warmup_steps is not None else max(1, a.steps // 20)
-
-        def factor(s):
-            return (s + 1) / warmup if s < warmup else cosine(s - warmup, a.steps - warmup, 1.0, 0.1)
-
-        return opt, lambda_lr(factor)
+        return adamw_and_schedule(param_groups(model, self.cfg.optimizer.weight_decay), self.cfg, self.ds_config)
 
     def build_dataset(self):
         # Held-out combinations (zero-shot evaluation) are a fixed function of the count.
-        self.holdout = holdout_combos(self.args.holdout)
+        self.holdout = holdout_combos(self.cfg.data.holdout)
         if self.rank == 0:
             atomic_write_text(self.out / "holdout.json", json.dumps([caption_of(c) for c in self.holdout]) + "\n")
         return SyntheticShapes(
-            self.args.data_size, self.dvae.config.image_size, seed=self.args.seed, exclude=self.holdout
+            self.cfg.data.synthetic_size, self.dvae.config.image_size, seed=self.cfg.train.seed, exclude=self.holdout
         )
 
     def image_size(self) -> int:
@@ -171,17 +158,18 @@ class DalleTrainer(Trainer):
         if "text" in batch:  # a stream's batch, tokenized by its data worker
             text = batch["text"]
         else:  # dropout decisions a pure function of (seed, rank, micro step): resumed runs repeat them
-            dropout = self.args.bpe_dropout
-            rng = numpy_rng(self.args.seed, BPE_DROPOUT, self.rank, self.micro_step) if dropout > 0 else None
+            dropout = self.cfg.text.bpe_dropout
+            rng = numpy_rng(self.cfg.train.seed, BPE_DROPOUT, self.rank, self.micro_step) if dropout > 0 else None
             text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
         text = text.to(self.engine.device)
         dropped = 0
-        if self.args.caption_dropout > 0:  # a pure function of (seed, rank, micro step), like BPE dropout
-            rng = numpy_rng(self.args.seed, CAPTION_DROPOUT, self.rank, self.micro_step)
-            text, dropped = drop_captions(text, self.args.caption_dropout, rng, self.config)
+        caption_dropout = self.cfg.text.caption_dropout
+        if caption_dropout > 0:  # a pure function of (seed, rank, micro step), like BPE dropout
+            rng = numpy_rng(self.cfg.train.seed, CAPTION_DROPOUT, self.rank, self.micro_step)
+            text, dropped = drop_captions(text, caption_dropout, rng, self.config)
         codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
         out = self.engine(text, image_codes=codes)
         metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
-        if self.args.caption_dropout > 0:  # rank 0's share of null captions this step
+        if caption_dropout > 0:  # rank 0's share of null captions this step
             metrics["null_caption_share"] = dropped / text.shape[0]
         return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len

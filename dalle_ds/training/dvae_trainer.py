@@ -11,53 +11,50 @@ from ..inference.serialization import save_model
 from ..models.config import DVAEConfig
 from ..models.dvae import DiscreteVAE
 from .errors import UsageError
-from .optim import adamw, cosine, lambda_lr
+from .optim import adamw_and_schedule, cosine
 from .trainer import Trainer
 
 __all__ = ["DVAETrainer"]
 
 
 class DVAETrainer(Trainer):
-    """The paper's dVAE recipe, schedules scaled to the run: tau 1 -> 1/16 and KL weight 0 -> 6.6
-    (cosine), LR cosine, AdamW(0.9, 0.999, 1e-8, wd 1e-4), optional EMA of the weights.
-    A ``quantizer: vq`` config trains with the EMA codebook instead (``--commitment``), its
-    statistics summed over ranks so every rank keeps the same codebook."""
+    """The paper's dVAE recipe (the defaults of :class:`DVAERunConfig`), schedules scaled to the run:
+    tau 1 -> 1/16 and KL weight 0 -> 6.6 (cosine), LR cosine, AdamW(0.9, 0.999, 1e-8, wd 1e-4),
+    optional EMA of the weights. A ``quantizer: vq`` config trains with the EMA codebook instead
+    (``--commitment``), its statistics summed over ranks so every rank keeps the same codebook."""
 
     model_kind = "dvae"
 
     def build_model(self):
         if not isinstance(self.config, DVAEConfig):
-            raise UsageError(f"--preset {self.args.preset} is not a dVAE config")
-        if self.args.ema and self.zero3:
+            raise UsageError(f"--preset {self.cfg.preset} is not a dVAE config")
+        if self.cfg.dvae.ema and self.zero3:
             raise UsageError("--ema needs whole parameters on every rank: use ZeRO stage 0-2 for the dVAE")
         model = DiscreteVAE(self.config)
         if model.quantizer is not None and self.world > 1:
             model.quantizer.collectives = dd.TorchCollectives()
-        self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if self.args.ema else None
+        self.ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()} if self.cfg.dvae.ema else None
         return model
 
     def model_blocks(self):
         return torch.nn.ModuleList()
 
     def build_optimizer(self, model):
-        a = self.args
-        lr = a.lr if a.lr is not None else 1e-4
-        opt = adamw(model.parameters(), self.ds_config, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
-        sched = lambda_lr(lambda s: cosine(s, a.steps, 1.0, a.lr_end / lr))
-        return opt, sched
+        return adamw_and_schedule(model.parameters(), self.cfg, self.ds_config)
 
     def build_dataset(self):
         # --holdout keeps the same combinations out of the tokenizer as the transformer trainer does.
-        held = holdout_combos(self.args.holdout)
-        return SyntheticShapes(self.args.data_size, self.config.image_size, seed=self.args.seed, exclude=held)
+        data = self.cfg.data
+        held = holdout_combos(data.holdout)
+        return SyntheticShapes(data.synthetic_size, self.config.image_size, seed=self.cfg.train.seed, exclude=held)
 
     def image_size(self) -> int:
         return self.config.image_size
 
     def schedules(self) -> tuple[float, float]:
-        a = self.args
-        tau_steps = a.temperature_steps or a.steps
-        kl_steps = a.kl_steps or max(1, a.steps // 30)
+        a, steps = self.cfg.dvae, self.cfg.train.steps
+        tau_steps = a.temperature_steps or steps
+        kl_steps = a.kl_steps or max(1, steps // 30)
         return (
             cosine(self.step, tau_steps, a.temperature_start, a.temperature_end),
             cosine(self.step, kl_steps, 0.0, a.kl_weight),
@@ -65,8 +62,8 @@ class DVAETrainer(Trainer):
 
     def compute_loss(self, batch):
         if "image" not in batch:
-            raise UsageError(f"--data {self.args.data} holds precomputed codes; the dVAE trains on images")
-        a = self.args
+            raise UsageError(f"--data {self.cfg.data.source} holds precomputed codes; the dVAE trains on images")
+        a = self.cfg.dvae
         recon = a.recon_loss
         if self.config.quantizer == "vq":
             out = self.engine(batch["image"], commitment=a.commitment, recon_loss=recon)
@@ -90,7 +87,7 @@ class DVAETrainer(Trainer):
         if self.ema is not None:
             with torch.no_grad():
                 for k, v in self.engine.module.state_dict().items():
-                    self.ema[k].mul_(self.args.ema_decay).add_(v.float(), alpha=1 - self.args.ema_decay)
+                    self.ema[k].mul_(self.cfg.dvae.ema_decay).add_(v.float(), alpha=1 - self.cfg.dvae.ema_decay)
 
     def export(self):
         final = super().export()

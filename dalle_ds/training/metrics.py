@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from ..distributed import collectives as dd
 from ..distributed import ds_adapter
 from ..utils.files import atomic_write_text
 
-__all__ = ["MetricsLog", "peak_rss_mb_all_ranks"]
+__all__ = ["MetricsLog", "parameter_digest", "peak_rss_mb_all_ranks"]
 
 
 class MetricsLog:
@@ -67,3 +68,16 @@ def peak_rss_mb_all_ranks() -> float:
     except (OSError, StopIteration):
         kib = 0
     return round(dd.host_all_reduce(kib / 1024.0, op="max"), 1)
+
+
+def parameter_digest(module, gather: bool) -> str:
+    """SHA-256 of a module's trainable parameters (``gather``: ZeRO-3 partitions gathered first,
+    collective) and its buffers (e.g. the dVAE's EMA codebook): equal on every rank of a healthy run."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    digest = hashlib.sha256()
+    with ds_adapter.gathered(params, enabled=gather):
+        for p in params:
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    for b in module.buffers():
+        digest.update(b.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

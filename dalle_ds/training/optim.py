@@ -11,8 +11,9 @@ import torch
 
 from ..distributed import ds_adapter
 from ..distributed.ds_config import optimizer_offloaded
+from .run_config import RunConfig
 
-__all__ = ["adamw", "cosine", "lambda_lr", "param_groups"]
+__all__ = ["adamw", "adamw_and_schedule", "cosine", "lambda_lr", "lr_factor", "param_groups"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -32,6 +33,14 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
+def lr_factor(step: int, total: int, warmup: int, end: float) -> float:
+    """The learning rate at ``step`` as a fraction of the peak: linear warm-up over ``warmup`` steps
+    (none when 0), then cosine decay to ``end`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return cosine(step - warmup, total - warmup, 1.0, end)
+
+
 def lambda_lr(factor):
     """A scheduler factory: DeepSpeed builds it on the optimizer it actually steps (ZeRO regroups
     parameters, so a scheduler made on the client optimizer would hold the wrong groups)."""
@@ -44,3 +53,14 @@ def adamw(params, ds_config: dict[str, Any], lr: float, betas: tuple[float, floa
     if optimizer_offloaded(ds_config) and ds_config.get("zero_force_ds_cpu_optimizer", True):
         return ds_adapter.cpu_adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def adamw_and_schedule(params, cfg: RunConfig, ds_config: dict[str, Any]):
+    """AdamW with the run's ``optimizer`` settings and its LambdaLR factory: linear warm-up
+    (``schedule.warmup_steps``, default 1/20 of the run), then cosine decay to ``schedule.lr_end``
+    (default 10% of the peak)."""
+    opt, sched, steps = cfg.optimizer, cfg.schedule, cfg.train.steps
+    optimizer = adamw(params, ds_config, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    warmup = sched.warmup_steps if sched.warmup_steps is not None else max(1, steps // 20)
+    end = 0.1 if sched.lr_end is None else sched.lr_end / opt.lr
+    return optimizer, lambda_lr(lambda s: lr_factor(s, steps, warmup, end))

@@ -15,9 +15,7 @@ record, the non-finite guard and periodic checkpoints and images; then :meth:`Tr
 from __future__ import annotations
 
 import abc
-import argparse
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -26,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..data.order import EpochOrder
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
-from ..distributed.process_group import init_distributed
 from ..distributed.ds_config import load_ds_config, prepare_ds_config, zero_stage
 from ..distributed.powersgd import build_comm_hook
+from ..distributed.process_group import init_distributed
 from ..models.config import load_config, save_config
 from ..utils.files import atomic_write_text
 from ..utils.images import as_float_image
@@ -41,7 +40,9 @@ from .checkpointing import Checkpointer, export_checkpoint
 from .errors import TrainingStopped, UsageError
 from .faults import Faults
 from .grad_scaling import ResblockGradScaler, ResblockScalingConfig, install_resblock_scaling, skipping_step
-from .metrics import MetricsLog, peak_rss_mb_all_ranks
+from .metrics import MetricsLog, parameter_digest, peak_rss_mb_all_ranks
+from .run_args import resume_changes
+from .run_config import RunConfig
 
 __all__ = ["Trainer"]
 
@@ -53,42 +54,45 @@ class Trainer(abc.ABC):
 
     model_kind = ""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
         self.faults = Faults.from_env()
         self.setup_distributed()
         self.setup_engine()
         self.setup_data()
-        torch.manual_seed(derive_seed(args.seed, NOISE, self.rank))  # per-rank noise streams
+        torch.manual_seed(derive_seed(cfg.train.seed, NOISE, self.rank))  # per-rank noise streams
         self.step = 0
         self.bad_steps = 0
-        self.metrics = MetricsLog(self.out, self.rank, args.log_every, args.steps)
-        self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, args.keep_checkpoints)
-        if args.resume:
+        self.metrics = MetricsLog(self.out, self.rank, cfg.logging.log_every, cfg.train.steps)
+        self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep)
+        if cfg.checkpoint.resume:
             self.resume()  # restores every rank's exact RNG state (and the comm hook's buffers)
         if self.comm_hook is not None:
             self._comm_seen = (self.comm_hook.bytes_sent, self.comm_hook.bytes_plain)
 
     # --- set-up phases -----------------------------------------------------------------------
     def setup_distributed(self) -> None:
-        """Process group, output folders, and the DeepSpeed JSON with its batch keys filled."""
-        args = self.args
-        if not args.deepspeed_config:
-            raise UsageError("--deepspeed_config is required (see ds_configs/)")
+        """Process group, output folders, the DeepSpeed JSON with its batch keys filled, and both
+        configs written to ``<output>/`` (``run_config.yaml``, ``ds_config.json``)."""
+        cfg = self.cfg
         init_distributed()
         self.rank, self.world = dd.rank(), dd.world_size()
-        self.out = Path(args.output_dir)
+        self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         dd.barrier()
-        self.raw_ds_config = load_ds_config(args.deepspeed_config)
+        self.raw_ds_config = load_ds_config(cfg.deepspeed_config)
         self.ds_config = prepare_ds_config(
             self.raw_ds_config,
             world_size=self.world,
-            micro_batch_size=args.micro_batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            source=str(args.deepspeed_config),
+            micro_batch_size=cfg.train.micro_batch_size,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            source=str(cfg.deepspeed_config),
+            given_as={
+                "train_micro_batch_size_per_gpu": "train.micro_batch_size (--micro-batch-size)",
+                "gradient_accumulation_steps": "train.grad_accum (--grad-accum)",
+            },
         )
         for monitor in ("csv_monitor", "tensorboard"):
             section = self.ds_config.get(monitor)
@@ -98,12 +102,15 @@ class Trainer(abc.ABC):
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.global_batch = self.ds_config["train_batch_size"]
         self.zero3 = zero_stage(self.ds_config) == 3
+        if self.rank == 0:
+            atomic_write_text(self.out / "run_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            atomic_write_text(self.out / "ds_config.json", json.dumps(self.ds_config, indent=1) + "\n")
 
     def setup_engine(self) -> None:
         """Model (same initial weights on every rank), optimizer, engine, communication hook."""
-        torch.manual_seed(self.args.seed)
-        random.seed(self.args.seed)
-        self.config = load_config(self.args.preset)
+        torch.manual_seed(self.cfg.train.seed)
+        random.seed(self.cfg.train.seed)
+        self.config = load_config(self.cfg.preset)
         self.model = self.build_model()
         if self.rank == 0:
             save_config(self.config, self.out / "model_config.yaml")
@@ -128,32 +135,32 @@ class Trainer(abc.ABC):
             return None
         if not self.model_blocks():
             raise UsageError(
-                f"{self.args.deepspeed_config}: per_resblock_grad_scaling applies to the transformer's residual "
+                f"{self.cfg.deepspeed_config}: per_resblock_grad_scaling applies to the transformer's residual "
                 f"blocks; the {self.model_kind} trainer has none: remove the section"
             )
         return install_resblock_scaling(self.model, config, world_size=self.world)
 
     def setup_data(self) -> None:
         """The synthetic set in a seeded epoch order, or a stream of image-text shards."""
-        args = self.args
+        data, seed = self.cfg.data, self.cfg.train.seed
         self.stream, self._stream_it, self.preview = None, None, None
-        if args.data == "synthetic":
+        if data.source == "synthetic":
             self.dataset = self.build_dataset()
-            self.order = EpochOrder(len(self.dataset), self.micro, self.rank, self.world, args.seed)
+            self.order = EpochOrder(len(self.dataset), self.micro, self.rank, self.world, seed)
             return
         from ..data import DataConfig, StreamLoader
 
-        cfg = DataConfig(
-            args.data,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
+        stream = DataConfig(
+            data.source,
+            image_column=data.image_column,
+            caption_column=data.caption_column,
             image_size=self.image_size(),
-            shuffle_buffer=args.shuffle_buffer,
-            seed=args.seed,
-            english_only=args.english_only,
+            shuffle_buffer=data.shuffle_buffer,
+            seed=seed,
+            english_only=data.english_only,
             caption_encoder=self.caption_encoder(),
         )
-        self.stream = StreamLoader(cfg, self.micro, self.rank, self.world, args.data_workers)
+        self.stream = StreamLoader(stream, self.micro, self.rank, self.world, data.workers)
 
     # --- hooks for the concrete trainers -------------------------------------------------
     @abc.abstractmethod
@@ -229,6 +236,8 @@ class Trainer(abc.ABC):
             "world_size": self.world,
             "model_config": self.config.to_dict(),
             "samples_seen": self.step * self.global_batch,
+            "run_config": self.cfg.to_dict(),
+            "deepspeed_config": self.raw_ds_config,
         }
         if self.scaler is not None:  # every block's scale and counters (the same on every rank)
             client["grad_scaling"] = self.scaler.state_dict()
@@ -244,6 +253,7 @@ class Trainer(abc.ABC):
             rank_state,
             self.extra_state(),
             before_complete=lambda: self.faults.in_save(self.step, self.rank),
+            files={"run_config.yaml": self.out / "run_config.yaml", "ds_config.json": self.out / "ds_config.json"},
         )
 
     def resume(self) -> None:
@@ -254,6 +264,8 @@ class Trainer(abc.ABC):
         tag, client, rank_state, shared_state = loaded
         if client["world_size"] != self.world:
             self.log(f"resuming {tag} written by {client['world_size']} ranks on {self.world}: data order changes")
+        for change in resume_changes(client, self.cfg, self.raw_ds_config):
+            self.log(f"warning: --resume: setting changed since {tag}: {change}")
         self.step, self.bad_steps = client["step"], client["bad_steps"]
         if self.scaler is not None and "grad_scaling" in client:
             self.scaler.load_state_dict(client["grad_scaling"], device=self.engine.device)
@@ -269,20 +281,14 @@ class Trainer(abc.ABC):
         """Consolidated fp32 weights of the last checkpoint as ``<output>/final``."""
         final = self.out / "final"
         if self.rank == 0:
-            export_checkpoint(self.ckpt_dir, final, self.checkpoints.latest_tag(), self.args.export_shard_size)
+            shard = self.cfg.checkpoint.export_shard_bytes
+            export_checkpoint(self.ckpt_dir, final, self.checkpoints.latest_tag(), shard)
         dd.barrier()
         return final
 
     def check_sync(self) -> str:
         """SHA-256 of all trainable parameters (gathered under ZeRO-3) and buffers, compared across ranks."""
-        params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        digest = hashlib.sha256()
-        with ds_adapter.gathered(params, enabled=self.zero3):
-            for p in params:
-                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        for b in self.engine.module.buffers():  # e.g. the dVAE's EMA codebook
-            digest.update(b.detach().float().cpu().contiguous().numpy().tobytes())
-        mine = digest.hexdigest()
+        mine = parameter_digest(self.engine.module, gather=self.zero3)
         every = dd.all_gather_object(mine)
         atomic_write_text(self.out / f"param_sha256_rank{self.rank}.txt", mine + "\n")
         if len(set(every)) != 1:
@@ -296,17 +302,18 @@ class Trainer(abc.ABC):
             print(f"[dalle-ds] {msg}", flush=True)
 
     def run(self) -> None:
-        args = self.args
-        if not args.no_progress:
+        cfg = self.cfg
+        if cfg.logging.progress:
             self.metrics.open_bar(self.model_kind, self.step)
         self.engine.train()
-        while self.step < args.steps:
+        save_every, image_every = cfg.checkpoint.save_every, cfg.logging.image_every
+        while self.step < cfg.train.steps:
             record = self.train_step()
             self.metrics.write(self.engine, record)
             self.guard_non_finite(record["loss"])
-            if args.save_every and self.step % args.save_every == 0 and self.step < args.steps:
+            if save_every and self.step % save_every == 0 and self.step < cfg.train.steps:
                 self.save()
-            if args.image_every and self.step % args.image_every == 0:
+            if image_every and self.step % image_every == 0:
                 self.write_images(self.step)
         self.metrics.close()
         self.finish()
@@ -381,7 +388,7 @@ class Trainer(abc.ABC):
     def guard_non_finite(self, loss: float) -> None:
         """Stop (after saving) when the loss was non-finite for ``--max-bad-steps`` steps in a row."""
         self.bad_steps = 0 if math.isfinite(loss) else self.bad_steps + 1
-        if self.bad_steps >= self.args.max_bad_steps:
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
             self.save()
             raise TrainingStopped(
                 f"loss was non-finite for {self.bad_steps} consecutive steps (last {loss}) at step "
@@ -394,7 +401,7 @@ class Trainer(abc.ABC):
         if self.checkpoints.latest_tag() != f"step{self.step:08d}":
             self.save()
         final = self.export()
-        if self.args.check_sync:
+        if self.cfg.logging.check_sync:
             self.check_sync()
         self.write_images(self.step)
         if self.stream is not None:

@@ -1,0 +1,31 @@
+"""The Markdown reference of every run setting of both trainers: the tables of
+``docs/configuration.md`` (a test checks they are current). Regenerate them with
+
+    python -m dalle_ds.training.config_reference
+"""
+
+from __future__ import annotations
+
+from .run_args import _flag, _leaves, _show
+from .run_config import DalleRunConfig, DVAERunConfig
+
+__all__ = ["config_reference"]
+
+
+def config_reference() -> str:
+    """One table per trainer: YAML key, flag, default, meaning."""
+    lines = []
+    for cls, script in ((DalleRunConfig, "train_dalle.py"), (DVAERunConfig, "train_dvae.py")):
+        lines += [f"### `scripts/{script}` ({cls.__name__})", "", "| YAML key | flag | default | meaning |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for key, f, default, _ in _leaves(cls):
+            shown = "required" if f.metadata.get("required") else f"`{_show(default)}`"
+            meaning = f.metadata["help"].replace("|", "\\|")
+            lines.append(f"| `{key}` | `{_flag(key, f)}` | {shown} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

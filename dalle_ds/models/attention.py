@@ -46,9 +46,9 @@ AUTO_CPU_DENSE_MAX_LEN = 128
 """``auto`` on the CPU runs ``dense`` for sequences of at most this many positions, ``block`` above.
 
 Measured with ``scripts/bench_attention.py`` (forward + backward, fp32, 1 thread, the 64-layer
-mix; table in README, Benchmarks): up to 128 positions (the tiny and demo presets are 80 and 97)
-dense was as fast or faster in 6 of 7 runs (block 0.63-1.11x dense's speed); from 137 positions
-block was faster in 5 of 6 (0.93-1.68x), and 2.7x at the paper's 1280."""
+mix; table in docs/benchmarks.md, "Short sequences"): up to 128 positions (the tiny and demo presets
+are 80 and 97) dense was as fast or faster in 7 of 8 runs (block 0.63-1.11x dense's speed); from 137
+positions block was faster in 6 of 7 (0.93-1.68x), and 2.7x at the paper's 1280."""
 
 
 def resolve_attention_impl(impl: str, device_type: str, seq_len: int) -> str:

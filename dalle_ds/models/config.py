@@ -168,8 +168,8 @@ class DalleConfig(_ConfigBase):
     attention_impl: str = "auto"
     """'block' (sparse blocks, never an n x n score matrix), 'dense' (SDPA with the full mask, the
     reference) or 'auto', which picks per forward from the input's device and seq_len: on the CPU
-    'dense' for seq_len <= 128 and 'block' above (where each was measured faster, README
-    Benchmarks), on CUDA and other devices 'block' (about 4x fewer scores at the paper's size;
+    'dense' for seq_len <= 128 and 'block' above (where each was measured faster, docs/benchmarks.md,
+    "Short sequences"), on CUDA and other devices 'block' (about 4x fewer scores at the paper's size;
     not yet timed on a GPU). The rule: ``dalle_ds.models.attention.resolve_attention_impl``."""
     block_rows: int = 2
     """Image rows per query tile of row/column layers in the block attention implementation."""

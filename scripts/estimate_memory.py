@@ -11,9 +11,8 @@ activation checkpointing.
 import argparse
 import sys
 
-import torch
-
 from dalle_ds import DALLE, DalleConfig, DiscreteVAE, load_config
+from dalle_ds.models.init import meta_modules
 
 
 def main(argv=None) -> int:
@@ -28,7 +27,7 @@ def main(argv=None) -> int:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     config = load_config(args.preset)
-    with torch.device("meta"):
+    with meta_modules():
         model = DALLE(config) if isinstance(config, DalleConfig) else DiscreteVAE(config)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 
 from dalle_ds import DALLE, DalleConfig, DiscreteVAE, load_config
+from dalle_ds.models.init import meta_modules
 
 
 def summarize(model: torch.nn.Module, depth: int) -> "OrderedDict[str, int]":
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=3, help="name components per row (digits collapse to *)")
     args = parser.parse_args(argv)
     config = load_config(args.preset)
-    with torch.device("meta"):
+    with meta_modules():
         model = DALLE(config) if isinstance(config, DalleConfig) else DiscreteVAE(config)
     rows = summarize(model, args.depth)
     width = max(len(k) for k in rows)

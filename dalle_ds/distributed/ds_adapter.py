@@ -11,6 +11,8 @@ and, where that API has no door, through a few internals, all of them here:
   through the optimizer's ``gradient_reduction_w_predivide`` and its ``ipg_buckets`` /
   ``bit16_groups``; ZeRO 0 through ``engine.enable_backward_allreduce``;
 - ``deepspeed.comm.torch.build_shm_op``, not built at start-up (:func:`init_process_group`);
+- the Muon optimizer module, imported with its torch.compile wrappers deferred to their first call
+  (:func:`build_engine`: their eager construction imports torch._inductor);
 - checkpoint file names (``mp_rank_00_model_states.pt``), the layout keys in them, and
   ``zero_to_fp32``'s optimizer-file parser and ZeRO-3 gather, for the streaming export;
 - the activation-checkpointing RNG tracker, saved with every rank's RNG state;
@@ -25,8 +27,10 @@ DeepSpeed means reading this file, nothing else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +158,48 @@ def add_config_arguments(parser):
     return deepspeed.add_config_arguments(parser)
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_muon_with_lazy_compile() -> None:
+    """Import DeepSpeed's Muon optimizer with its ``torch.compile`` wrappers made on first call.
+
+    DeepSpeed 0.19.8's ZeRO code imports its Muon module while building an engine and on every
+    gradient reduction (for ``isinstance`` checks); the module wraps its kernels in ``torch.compile``
+    at import, and making such a wrapper imports torch._inductor (~2 s per process on a small CPU).
+    torch.compile compiles at the first call anyway, so deferring the wrapper to the first call
+    changes nothing for a Muon user and spares everyone else the import.
+    """
+    if MUON_MODULE in sys.modules:
+        return
+    eager = torch.compile
+
+    def lazy(model=None, **kwargs):
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: lazy(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = eager(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    torch.compile = lazy
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        torch.compile = eager
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer, lr_scheduler=None):
     """``deepspeed.initialize`` with a prepared config and the trainer's optimizer and scheduler."""
     import deepspeed
 
+    _import_muon_with_lazy_compile()
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )

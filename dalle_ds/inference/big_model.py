@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..models.dalle import DALLE
+from ..models.init import no_weight_init
 from .serialization import CONFIG_NAME, INDEX_NAME, model_from_config, weight_files
 
 __all__ = [
@@ -120,7 +121,7 @@ def load_pipeline_dispatched(
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not a pipeline folder")
     files = weight_files(directory)  # names a missing shard before accelerate does
-    with init_empty_weights():
+    with init_empty_weights(), no_weight_init():
         model = model_from_config(json.loads(config_path.read_text()), source=str(config_path))
     if not isinstance(model, DALLE):
         raise ValueError(f"{directory}: holds a {type(model).__name__}, not a DALL-E transformer")

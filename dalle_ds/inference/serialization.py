@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..models.config import ConfigError, DalleConfig, DVAEConfig
 from ..models.dalle import DALLE
 from ..models.dvae import DiscreteVAE
+from ..models.init import meta_modules
 from ..utils.files import atomic_path, atomic_write_text
 
 __all__ = [
@@ -186,7 +187,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing (expected {CONFIG_NAME} and {WEIGHTS_NAME} or {INDEX_NAME})")
     files = weight_files(directory)
-    with torch.device("meta"):
+    with meta_modules():
         model = model_from_config(json.loads(config_path.read_text()), source=str(config_path))
     load_weights(model, files, map_location)
     return model.eval()

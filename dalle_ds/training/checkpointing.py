@@ -34,6 +34,7 @@ from ..distributed import ds_adapter
 from ..distributed.zero_export import CheckpointWeights
 from ..inference.serialization import model_from_config, save_weights, write_config
 from ..models.config import ConfigError
+from ..models.init import meta_modules
 from ..utils.files import atomic_write_text
 
 __all__ = [
@@ -176,7 +177,7 @@ def export_checkpoint(
     data = weights.client["model_config"]
     if not isinstance(data, dict):
         raise ConfigError(f"{weights.states_path}: no model_config in the client state (not written by dalle-ds?)")
-    with torch.device("meta"):
+    with meta_modules():
         model = model_from_config(data, source=str(weights.states_path))
     order = {k: v for k, v in model.state_dict().items() if not k.startswith("dvae.")}  # layers stay together
     missing, unexpected = sorted(set(order) - set(weights.shapes)), sorted(set(weights.shapes) - set(order) - {

@@ -1,9 +1,13 @@
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
-from dalle_ds import DALLE, DalleConfig
+from dalle_ds import DALLE, DalleConfig, get_preset
 from dalle_ds.distributed.ds_adapter import apply_activation_checkpointing, backward, build_engine, loss_scale
 from dalle_ds.distributed.ds_config import DeepSpeedConfigError, load_ds_config, prepare_ds_config
 from dalle_ds.training.optim import param_groups
@@ -213,3 +217,49 @@ def test_a_moved_deepspeed_internal_is_named():
 
     with pytest.raises(DeepSpeedInternalsError, match=r"Engine\.skipped_steps is missing.*skipped fp16 steps"):
         skipped_steps(Engine())
+
+
+def test_no_weight_init_builds_without_initialisers_and_restores_them():
+    from dalle_ds.models.init import meta_modules, no_weight_init
+
+    normal = torch.nn.init.normal_
+    with no_weight_init():
+        t = torch.full((3,), 7.0)
+        assert torch.nn.init.normal_(t) is t and torch.equal(t, torch.full((3,), 7.0))
+    assert torch.nn.init.normal_ is normal
+    with meta_modules():
+        model = DALLE(get_preset("dalle-tiny"))
+    assert all(p.is_meta for p in model.parameters())
+    assert torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"
+
+
+def test_loading_a_model_and_building_an_engine_skip_the_compiler_imports(tmp_path):
+    """In a fresh process: loading a saved model imports no torch._dynamo, building and stepping an
+    engine no torch._inductor (DeepSpeed's Muon module is imported with lazy compile wrappers and
+    still works as a class)."""
+    from dalle_ds import DiscreteVAE, save_model
+
+    save_model(DiscreteVAE(get_preset("dvae-tiny")), tmp_path / "dvae")
+    code = f"""
+import os, sys, json
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+import torch
+from dalle_ds import load_model
+model = load_model({str(tmp_path / "dvae")!r})
+after_load = "torch._dynamo" in sys.modules
+from dalle_ds.distributed import ds_adapter
+ds_adapter.init_process_group("gloo")
+net = torch.nn.Linear(4, 4)
+config = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 2}}}}
+config["zero_force_ds_cpu_optimizer"] = False
+engine, opt, _ = ds_adapter.build_engine(net, config, torch.optim.AdamW(net.parameters()))
+engine.backward(engine(torch.ones(1, 4)).sum())
+engine.step()
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+print(json.dumps({{"dynamo_after_load": after_load, "inductor": "torch._inductor.compile_fx" in sys.modules,
+                  "muon_is_class": isinstance(MuonWithAuxAdam, type)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = json.loads(proc.stdout.splitlines()[-1])
+    assert flags == {"dynamo_after_load": False, "inductor": False, "muon_is_class": True}

@@ -54,6 +54,15 @@ def dvae_dir(workdir):
     return save_model(DiscreteVAE(get_preset("dvae-tiny")), workdir / "dvae")
 
 
+@pytest.fixture(scope="session")
+def shards(workdir):
+    """Four WebDataset tar shards of the captioned-shapes set (96 examples, 32 px)."""
+    from dalle_ds.data.synthetic import write_webdataset
+
+    write_webdataset(workdir / "shards", 96, shards=4, image_size=32, seed=1)
+    return workdir / "shards"
+
+
 @pytest.fixture
 def fp16_on_cpu():
     """DeepSpeed refuses fp16 on this CPU accelerator; the math itself runs. Patch that one check

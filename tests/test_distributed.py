@@ -12,7 +12,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from launching import launch, train_args
+from shared_runs import stream_powersgd_run, vq_dvae_run
 
 from dalle_ds.distributed import collectives as dd
 from dalle_ds.distributed import process_group
@@ -85,26 +85,11 @@ def _records(folder: Path) -> list[dict]:
     return rows
 
 
-def test_every_collective_of_a_training_run_goes_through_one_module_on_the_right_device(workdir, dvae_dir):
-    from dalle_ds.data.synthetic import write_webdataset
-
-    shards = workdir / "dist_shards"
-    write_webdataset(shards, 48, shards=2, image_size=32, seed=3)
-    cfg = json.loads((Path(__file__).parents[1] / "ds_configs" / "cpu_zero2_fp32_powersgd.json").read_text())
-    cfg.pop("csv_monitor")
-    cfg["communication_hook"].update(start_iter=2, min_compression_rate=1.5)
-    path = workdir / "dist_powersgd.json"
-    path.write_text(json.dumps(cfg))
-    record = workdir / "collectives"
-    stream = ("--data", shards, "--data-workers", 1, "--shuffle-buffer", 8, "--check-sync")
-    proc = launch("train_dalle.py", *train_args(dvae_dir, workdir / "dist_run", path, *stream), record=record / "dalle")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    vq = ["--deepspeed_config", path, "--preset", "dvae-demo", "--recon-loss", "mse", "--output-dir"]
-    vq += [workdir / "dist_vq", "--steps", 3, "--micro-batch-size", 4, "--no-progress", "--check-sync"]
-    proc = launch("train_dvae.py", *vq, record=record / "dvae")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    rows = _records(record / "dalle") + _records(record / "dvae")
+def test_every_collective_of_a_training_run_goes_through_one_module_on_the_right_device(workdir, dvae_dir, shards):
+    """The shared runs (streamed DALL-E with PowerSGD, the VQ dVAE) recorded every torch.distributed
+    call dalle_ds made in each rank."""
+    dalle, dvae = stream_powersgd_run(workdir, dvae_dir, shards), vq_dvae_run(workdir)
+    rows = _records(dalle / "collectives") + _records(dvae / "collectives")
     assert rows, "nothing recorded"
     for row in rows:
         assert row["caller"].split(":")[0].endswith("dalle_ds/distributed/collectives.py"), row  # one module

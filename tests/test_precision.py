@@ -1,7 +1,7 @@
-"""Mixed precision in both trainers under the real launcher (2 CPU ranks): bf16 runs for real on this
-CPU; fp16 runs once each rank patches DeepSpeed's capability check (tests/launch_env). Every
-combination trains from a shipped ``ds_configs/`` file, resumes exactly after a kill, and exports.
-The default run takes a spread of the matrix; ``-m slow`` runs all of it."""
+"""Mixed precision in both trainers on 2 CPU ranks: bf16 runs for real on this CPU; fp16 runs once
+each rank patches DeepSpeed's capability check (tests/launch_env). Every combination trains from a
+shipped ``ds_configs/`` file, resumes exactly from its step-4 checkpoint, and exports. The default
+run takes a spread of the matrix; ``-m slow`` runs all of it."""
 
 import io
 import json
@@ -10,15 +10,7 @@ import math
 import pytest
 import torch
 from conftest import ROOT
-from launching import (
-    STEPS,
-    crash_and_resume,
-    launch,
-    losses,
-    metrics,
-    shipped_config,
-    train_args,
-)
+from launching import STEPS, launch, losses, metrics, resume_copy, shipped_config, train_args
 
 from dalle_ds import DiscreteVAE, get_preset, load_model
 from dalle_ds.inference.generation import load_pipeline
@@ -68,7 +60,7 @@ _runs: dict[str, object] = {}
 
 
 def overflow(name):
-    """fp16 runs overflow in step 5 (an inf loss): after the kill below, the first step of the resumed
+    """fp16 runs overflow in step 5 (an inf loss): resumed from step 4, the first step of the resumed
     run is a skipped one, the case DeepSpeed 0.19's ZeRO-3 gets wrong (ds_adapter.after_skipped_step)."""
     return {"overflow_at_step": 5} if "fp16" in name else {}
 
@@ -106,14 +98,13 @@ def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
         model = load_model(out / "final")
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
 
-    crashed = workdir / f"prec_{name}_crash"
-    script, args = args_for(name, workdir, dvae_dir, crashed)
-    resumed = crash_and_resume(script, args, {"kill_after_step": 5, **overflow(name)}, fp16_on_cpu="fp16" in name)
-    assert "resumed from step00000004" in resumed.stdout
-    got = metrics(crashed)
+    resumed = workdir / f"prec_{name}_resumed"
+    script, args = args_for(name, workdir, dvae_dir, resumed)
+    resume_copy(script, [str(a) for a in args], out, fp16_on_cpu="fp16" in name, faults=overflow(name))
+    got = metrics(resumed)
     assert [r["skipped"] for r in got] == [r["skipped"] for r in rows]
     assert [r["loss_scale"] for r in got] == [r["loss_scale"] for r in rows]
-    torch.testing.assert_close(torch.tensor(losses(crashed)), torch.tensor(losses(out)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(out)), rtol=1e-6, atol=1e-6)
 
 
 # --- the frozen dVAE of the DALL-E trainer -------------------------------------------------------
@@ -123,10 +114,10 @@ def test_precision_trains_resumes_exactly_and_exports(name, workdir, dvae_dir):
 def test_dalle_trainer_encodes_images_in_fp32_whatever_the_engine_dtype(
     precision, single_process_group, fp16_on_cpu, tmp_path, dvae_dir
 ):
-    from dalle_ds.training import DalleTrainer, dalle_arg_parser
+    from dalle_ds.training import DalleRunConfig, DalleTrainer, parse_run_config
 
     cfg = shipped_config(tmp_path, f"zero2_{precision}")
-    args = dalle_arg_parser().parse_args([str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg)])
+    args = parse_run_config(DalleRunConfig, [str(a) for a in train_args(dvae_dir, tmp_path / "out", cfg)])
     trainer = DalleTrainer(args)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     assert {p.dtype for p in trainer.engine.module.parameters()} == {dtype}
@@ -174,62 +165,63 @@ def _optimizer_state(path):
     return state["single_partition_of_fp32_groups"], state["base_optimizer_state"]["state"]
 
 
-def test_fp16_overflow_skips_the_step_lowers_the_scale_and_leaves_the_state_untouched(workdir, dvae_dir):
-    cfg = shipped_config(workdir, "zero2_fp16", fp16={"initial_scale_power": 10, "hysteresis": 1})
-    out = workdir / "fp16_overflow"
-    extra = ("--save-every", 1, "--keep-checkpoints", STEPS, "--check-sync")
-    proc = launch(
-        "train_dalle.py", *train_args(dvae_dir, out, cfg, *extra), fp16_on_cpu=True, faults={"overflow_at_step": 3}
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = metrics(out)
-    assert [r["skipped"] for r in rows] == [False, False, True, False, False, False]
-    assert rows[2]["loss_scale"] == rows[1]["loss_scale"] / 2 == 512
-    assert rows[-1]["skipped_steps"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
-    ckpts = out / "checkpoints"
-    for rank in range(2):  # DeepSpeed's promise: the skipped batch changes no weight and no moment
-        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        (w2, s2), (w3, s3), (w4, _) = (_optimizer_state(ckpts / f"step0000000{k}" / name) for k in (2, 3, 4))
-        assert all(torch.equal(a, b) for a, b in zip(w2, w3, strict=True))
-        assert s2.keys() == s3.keys() and len(s2) > 0
-        for key in s2:
-            assert all(torch.equal(s2[key][k], s3[key][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
-        assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))  # the next step applies
-    modules = [torch.load(ckpts / f"step0000000{k}" / "mp_rank_00_model_states.pt", weights_only=True) for k in (2, 3)]
-    assert all(torch.equal(modules[0]["module"][k], modules[1]["module"][k]) for k in modules[0]["module"])
-
-
 POWERSGD = json.loads((ROOT / "ds_configs" / "zero2_fp16_powersgd.json").read_text())["communication_hook"]
+
+
+_fp16_runs: dict[int, object] = {}
+
+
+def powersgd_fp16_run(stage, workdir, dvae_dir):
+    """The paper's setting (rank 4, Q drawn once, Householder, 16-bit P/Q, hierarchical) at ZeRO
+    ``stage``, compressing from step 2, the loss scale starting at 2^10 (hysteresis 1), an inf loss
+    forced into step 4 (ZeRO-2: a checkpoint after every step)."""
+    if stage not in _fp16_runs:
+        hook = {"start_iter": 2, "min_compression_rate": 1.5}
+        changes = {"fp16": {"initial_scale_power": 10, "hysteresis": 1}}
+        if stage == 2:  # the shipped file itself
+            cfg = shipped_config(workdir, "zero2_fp16_powersgd", communication_hook=hook, **changes)
+        else:  # its hook section on the shipped ZeRO 0 / 1 fp16 files
+            if stage == 1:
+                changes["zero_optimization"] = {"reduce_scatter": False}
+            cfg = shipped_config(workdir, f"zero{stage}_fp16", communication_hook={**POWERSGD, **hook}, **changes)
+        out = workdir / f"psgd_fp16_zero{stage}"
+        extra = ("--check-sync", *(("--save-every", 1, "--keep-checkpoints", STEPS) if stage == 2 else ()))
+        proc = launch("train_dalle.py", *train_args(dvae_dir, out, cfg, *extra), fp16_on_cpu=True,
+                      faults={"overflow_at_step": 4})  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _fp16_runs[stage] = out
+    return _fp16_runs[stage]
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_powersgd_under_fp16_skips_an_overflowed_step_and_keeps_training(stage, workdir, dvae_dir):
-    """The paper's setting (rank 4, Q drawn once, Householder, 16-bit P/Q, hierarchical) at ZeRO
-    0/1/2: an overflow after start_iter is a skipped step, not an exception."""
-    hook = {"start_iter": 2, "min_compression_rate": 1.5}
-    changes = {"fp16": {"initial_scale_power": 10, "hysteresis": 1}}
-    if stage == 2:  # the shipped file itself
-        cfg = shipped_config(workdir, "zero2_fp16_powersgd", communication_hook=hook, **changes)
-    else:  # its hook section on the shipped ZeRO 0 / 1 fp16 files
-        if stage == 1:
-            changes["zero_optimization"] = {"reduce_scatter": False}
-        cfg = shipped_config(workdir, f"zero{stage}_fp16", communication_hook={**POWERSGD, **hook}, **changes)
-    out = workdir / f"psgd_fp16_zero{stage}"
-    proc = launch(
-        "train_dalle.py",
-        *train_args(dvae_dir, out, cfg, "--check-sync"),
-        fp16_on_cpu=True,
-        faults={"overflow_at_step": 4},
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """An overflow after start_iter is a skipped step (the scale halves), not an exception."""
+    out = powersgd_fp16_run(stage, workdir, dvae_dir)
     rows = metrics(out)
     assert [r["skipped"] for r in rows] == [False, False, False, True, False, False]
-    assert rows[3]["loss_scale"] == rows[2]["loss_scale"] / 2
+    assert rows[3]["loss_scale"] == rows[2]["loss_scale"] / 2 == 512
+    assert rows[-1]["skipped_steps"] == 1
     assert rows[-1]["comm_bytes"] < 0.2 * rows[-1]["comm_bytes_plain"]  # compressing after start_iter
     values = [r["loss"] for r in rows]
     assert all(math.isfinite(v) for v in values) and values[-1] < values[0] - 0.3, values
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
     assert len(hashes) == 1, "ranks diverged"
+
+
+def test_fp16_overflow_leaves_weights_and_adam_moments_untouched(workdir, dvae_dir):
+    """DeepSpeed's promise, with the hook's residuals staged: the skipped batch (step 4) changes no
+    fp32 master weight, no Adam moment and no module weight; the next step applies (ZeRO-2 files)."""
+    ckpts = powersgd_fp16_run(2, workdir, dvae_dir) / "checkpoints"
+    for rank in range(2):
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        (w3, s3), (w4, s4), (w5, _) = (_optimizer_state(ckpts / f"step0000000{k}" / name) for k in (3, 4, 5))
+        assert all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))
+        assert s3.keys() == s4.keys() and len(s3) > 0
+        for key in s3:
+            assert all(torch.equal(s3[key][k], s4[key][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+        assert not all(torch.equal(a, b) for a, b in zip(w4, w5, strict=True))  # the next step applies
+    modules = [torch.load(ckpts / f"step0000000{k}" / "mp_rank_00_model_states.pt", weights_only=True) for k in (3, 4)]
+    assert all(torch.equal(modules[0]["module"][k], modules[1]["module"][k]) for k in modules[0]["module"])
 
 
 def test_rng_state_round_trip_covers_every_generator_a_step_draws_from():

@@ -1,4 +1,6 @@
-"""Multi-process training under the real `deepspeed` launcher (2 CPU ranks, gloo)."""
+"""Training on 2 CPU ranks (gloo), started as the `deepspeed` launcher starts them, through the
+launcher itself where its behaviour is part of the test, and in-process (one rank) where the
+trainer's logic needs no second rank."""
 
 import json
 import math
@@ -10,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, free_port
-from launching import STEPS, crash_and_resume, ds_config, launch, losses, train_args
+from launching import STEPS, crash_and_resume, ds_config, launch, losses, metrics, resume_copy, train_args
+from shared_runs import RANK4, stream_powersgd_run, stream_run_args, vq_dvae_run
 
 from dalle_ds import load_model
 from dalle_ds.inference.generation import load_pipeline
+from dalle_ds.training import DalleRunConfig, DalleTrainer, DVAERunConfig, DVAETrainer, parse_run_config
 
 RUNS = {
     "zero0": dict(stage=0),
@@ -67,8 +71,8 @@ def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
     def check(out):
         assert (out / "checkpoints" / "latest").read_text() == "step00000004"
 
-    resumed = crash_and_resume(
-        "train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_after_step": 5}, check_crashed=check
+    resumed = crash_and_resume(  # the launcher stops the surviving rank and fails the job
+        "train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_after_step": 5}, check_crashed=check, launcher=True
     )
     assert "resumed from step00000004" in resumed.stdout
     got = losses(out)
@@ -93,42 +97,36 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(workdir, dvae_
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
 
-def test_bad_batch_config_fails_before_training_with_the_keys_named(workdir, dvae_dir):
+def test_bad_batch_config_fails_before_training_with_the_keys_named(workdir, dvae_dir, single_process_group):
+    from dalle_ds.distributed.ds_config import DeepSpeedConfigError
+
     cfg = json.loads((ROOT / "ds_configs" / "cpu_zero2_fp32.json").read_text())
     cfg["train_batch_size"] = 7
     path = workdir / "bad_batch.json"
     path.write_text(json.dumps(cfg))
-    proc = launch("train_dalle.py", *train_args(dvae_dir, workdir / "bad", path))
-    assert proc.returncode != 0
-    assert (
-        "bad_batch.json: train_batch_size=7 is not divisible by train_micro_batch_size_per_gpu=2 x world size 2"
-        in proc.stderr
+    run = parse_run_config(DalleRunConfig, [str(a) for a in train_args(dvae_dir, workdir / "bad", path)])
+    with pytest.raises(DeepSpeedConfigError) as err:
+        DalleTrainer(run)
+    assert "bad_batch.json: train_batch_size=7 is not divisible by train_micro_batch_size_per_gpu=2 x world size 1" in (
+        str(err.value)
     )
     assert not (workdir / "bad" / "metrics.jsonl").exists()
 
 
-@pytest.fixture(scope="session")
-def shards(workdir):
-    from dalle_ds.data.synthetic import write_webdataset
-
-    write_webdataset(workdir / "shards", 96, shards=4, image_size=32, seed=1)
-    return workdir / "shards"
-
-
 def test_dalle_trains_on_webdataset_shards_and_resumes_the_stream_exactly(workdir, dvae_dir, shards):
-    cfg = ds_config(workdir, 2)
-    stream = ("--data", shards, "--data-workers", 2, "--shuffle-buffer", 16, "--caption-dropout", 0.5)
-    ref = workdir / "stream_ref"
-    proc = launch("train_dalle.py", *train_args(dvae_dir, ref, cfg, "--check-sync", *stream))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """Tar shards read by 2 workers per rank, with PowerSGD compressing: the resumed run continues
+    the stream without repeats (its counts equal the uninterrupted run's) and the error feedback, so
+    its losses equal the uninterrupted run's."""
+    ref = stream_powersgd_run(workdir, dvae_dir, shards)
     counts = json.loads((ref / "data_counts.json").read_text())
     assert counts == {"samples": STEPS * 2 * 2}  # 2 ranks x micro-batch 2 per step, nothing skipped
-    assert "data: 24 samples used; skipped and counted: none" in proc.stdout
-    out = workdir / "stream_crash"
-    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg, *stream), {"kill_after_step": 5})
+    hashes = {(ref / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
+    assert len(hashes) == 1, "ranks diverged"
+    out = workdir / "stream_resumed"
+    resume_copy("train_dalle.py", stream_run_args(workdir, dvae_dir, shards, out), ref)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-6, atol=1e-6)
     assert json.loads((out / "data_counts.json").read_text()) == counts  # the resumed stream did not repeat
-    shares = [json.loads(line)["null_caption_share"] for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    shares = [row["null_caption_share"] for row in metrics(ref)]
     assert len(shares) == STEPS and 0 < sum(shares) / STEPS < 1, shares  # caption dropout (seeded) took part
 
 
@@ -151,29 +149,15 @@ def test_dalle_trains_on_codes_precomputed_by_encode_images(workdir, dvae_dir, s
     assert json.loads((out / "data_counts.json").read_text()) == {"samples": STEPS * 2 * 2}
 
 
-def test_dvae_trainer_runs_its_schedules(workdir):
+def test_dvae_trainer_runs_its_schedules(workdir, single_process_group):
     out = workdir / "dvae_run"
     cfg = ds_config(workdir, 2)
-    proc = launch(
-        "train_dvae.py",
-        "--deepspeed_config",
-        cfg,
-        "--preset",
-        "dvae-tiny",
-        "--output-dir",
-        out,
-        "--steps",
-        8,
-        "--micro-batch-size",
-        4,
-        "--lr",
-        1e-3,
-        "--no-progress",
-        "--ema",
-        "--check-sync",
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run = parse_run_config(DVAERunConfig, [
+        "--deepspeed_config", str(cfg), "--preset", "dvae-tiny", "--output-dir", str(out), "--steps", "8",
+        "--micro-batch-size", "4", "--lr", "1e-3", "--no-progress", "--ema", "--check-sync",
+    ])  # fmt: skip
+    DVAETrainer(run).run()
+    rows = metrics(out)
     taus = [r["temperature"] for r in rows]
     assert taus[0] == pytest.approx(1.0) and taus == sorted(taus, reverse=True)
     assert rows[-1]["kl_weight"] == pytest.approx(6.6)
@@ -184,60 +168,14 @@ def test_dvae_trainer_runs_its_schedules(workdir):
 
 
 def test_vq_dvae_trainer_keeps_one_codebook_on_every_rank(workdir):
-    out = workdir / "dvae_vq_run"
-    proc = launch(
-        "train_dvae.py",
-        "--deepspeed_config",
-        ds_config(workdir, 2),
-        "--preset",
-        "dvae-demo",
-        "--recon-loss",
-        "mse",
-        "--holdout",
-        20,
-        "--output-dir",
-        out,
-        "--steps",
-        6,
-        "--micro-batch-size",
-        8,
-        "--lr",
-        2e-3,
-        "--no-progress",
-        "--check-sync",  # hashes the codebook buffers too
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    out = vq_dvae_run(workdir)
+    rows = metrics(out)
     assert "commitment" in rows[0] and "temperature" not in rows[0] and "recon_nll" not in rows[0]
     assert rows[-1]["mse"] < rows[0]["mse"]
     vae = load_model(out / "final")
     assert vae.config.quantizer == "vq" and bool(vae.quantizer.initialized)
-    hashes = {p.read_text() for p in out.glob("param_sha256_rank*.txt")}
-    assert len(hashes) == 1
-
-
-def test_export_script_consolidates_any_stage(workdir, dvae_dir, tmp_path):
-    for name in ("zero0", "zero3"):
-        out = run_stage(name, workdir, dvae_dir)[0]
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "export_checkpoint.py"),
-                "--checkpoint-dir",
-                str(out / "checkpoints"),
-                "--out",
-                str(tmp_path / name),
-                "--tag",
-                "step00000004",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        assert proc.returncode == 0, proc.stderr
-        at4, final = load_model(tmp_path / name), load_model(out / "final")
-        assert at4.config == final.config
-        w4, w6 = at4.blocks[0].attn.qkv.weight, final.blocks[0].attn.qkv.weight
-        assert w4.shape == w6.shape and not torch.equal(w4, w6)  # step 4 is not step 6
+    hashes = [p.read_text() for p in sorted(out.glob("param_sha256_rank*.txt"))]
+    assert len(hashes) == 2 and len(set(hashes)) == 1  # --check-sync hashes the codebook buffers too
 
 
 # ZeRO 1 reads like ZeRO 2 (flat partitions) and offloaded ZeRO 3 like ZeRO 3: those two run with -m slow.
@@ -245,8 +183,9 @@ def test_export_script_consolidates_any_stage(workdir, dvae_dir, tmp_path):
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in ("zero1", "zero3_offload") else n for n in RUNS]
 )
 def test_sharded_streaming_export_equals_deepspeeds_consolidation(name, workdir, dvae_dir, tmp_path):
-    """Every stage's checkpoint, exported in 64 KB shards through the script, holds exactly the weights
-    DeepSpeed's own zero_to_fp32 consolidates in memory (ZeRO 0: the module's, as trained)."""
+    """Every stage's checkpoint, exported in 64 KB shards by scripts/export_checkpoint.py (any tag),
+    holds exactly the weights DeepSpeed's own zero_to_fp32 consolidates in memory (ZeRO 0: the
+    module's, as trained)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from dalle_ds.inference.serialization import weight_files
@@ -265,22 +204,25 @@ def test_sharded_streaming_export_equals_deepspeeds_consolidation(name, workdir,
         reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
     assert set(got) == set(reference)
     assert all(torch.equal(got[k], reference[k].float()) for k in got)
+    final = load_model(out / "final").state_dict()  # the trainer's own export is of step 6, not 4
+    key = "blocks.0.attn.qkv.weight"
+    assert set(final) == set(got) and not torch.equal(final[key], got[key])
 
 
-def test_non_finite_loss_stops_with_a_message_and_a_checkpoint(workdir, dvae_dir):
+def test_non_finite_loss_stops_with_a_message_and_a_checkpoint(workdir, dvae_dir, single_process_group):
+    from dalle_ds.training import TrainingStopped
+
     out = workdir / "diverge"
-    cfg = ds_config(workdir, 2)
-    args = train_args(dvae_dir, out, cfg, "--max-bad-steps", 2)
-    args[args.index("--lr") + 1] = 1e6  # Adam takes ~lr-sized steps: the weights blow up at once
-    args[args.index("--steps") + 1] = 30
-    proc = launch("train_dalle.py", *args)
-    assert proc.returncode != 0
-    assert "loss was non-finite for 2 consecutive steps" in proc.stderr
+    args = [str(a) for a in train_args(dvae_dir, out, ds_config(workdir, 2), "--max-bad-steps", 2)]
+    args[args.index("--lr") + 1] = "1e6"  # Adam takes ~lr-sized steps: the weights blow up at once
+    args[args.index("--steps") + 1] = "30"
+    with pytest.raises(TrainingStopped, match="loss was non-finite for 2 consecutive steps"):
+        DalleTrainer(parse_run_config(DalleRunConfig, args)).run()
     tag = (out / "checkpoints" / "latest").read_text()
     assert (out / "checkpoints" / tag / "complete.json").exists()
     stopped_at = int(tag.removeprefix("step"))
     assert stopped_at < 30
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out)
     assert not math.isfinite(rows[-1]["loss"]) and rows[-1]["step"] == stopped_at
 
 
@@ -298,7 +240,6 @@ def hook_config(tmp: Path, name: str, stage: int, hook: dict | None) -> Path:
     return path
 
 
-RANK4 = {"rank": 4, "start_iter": 2, "min_compression_rate": 1.5}
 _hook_runs: dict[str, Path] = {}
 
 
@@ -323,8 +264,11 @@ def test_powersgd_exact_mode_is_bit_identical_to_deepspeeds_own_reduction(workdi
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_powersgd_trains_with_identical_ranks_and_less_traffic(stage, workdir, dvae_dir):
-    out = run_hooked(f"psgd_rank4_zero{stage}", workdir, dvae_dir, stage, RANK4)
+def test_powersgd_trains_with_identical_ranks_and_less_traffic(stage, workdir, dvae_dir, shards):
+    if stage == 2:  # the shipped cpu_zero2_fp32_powersgd.json, on streamed data
+        out = stream_powersgd_run(workdir, dvae_dir, shards)
+    else:
+        out = run_hooked(f"psgd_rank4_zero{stage}", workdir, dvae_dir, stage, RANK4)
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(2)}
     assert len(hashes) == 1, "ranks diverged under PowerSGD"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -332,14 +276,6 @@ def test_powersgd_trains_with_identical_ranks_and_less_traffic(stage, workdir, d
     assert rows[-1]["comm_bytes"] < 0.2 * rows[-1]["comm_bytes_plain"]
     values = [r["loss"] for r in rows]
     assert all(math.isfinite(v) for v in values) and values[-1] < values[0] - 0.5
-
-
-def test_powersgd_resume_restores_error_feedback_exactly(workdir, dvae_dir):
-    ref = losses(run_hooked("psgd_rank4_zero2", workdir, dvae_dir, 2, RANK4))
-    out = workdir / "psgd_crash"
-    cfg = hook_config(workdir, "psgd_crash", 2, RANK4)
-    crash_and_resume("train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_after_step": 5})
-    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
 
 def test_two_nodes_x_two_ranks_hierarchical_powersgd(workdir, dvae_dir):

@@ -1,7 +1,7 @@
-"""scripts/gpu_check.py on a machine without a GPU: the check list, the no-CUDA exit, the configs
-and numbers it uses, and --cpu-smoke (each kind of check at a tiny size on the CPU)."""
+"""The GPU acceptance check (dalle_ds/checks, scripts/gpu_check.py) on a machine without a GPU: the
+check list, the no-CUDA exit, the configs and numbers it uses, and --cpu-smoke (each kind of check at a
+tiny size on the CPU)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,21 +11,11 @@ import pytest
 from conftest import ROOT
 
 from dalle_ds import PRESETS, DalleConfig, get_preset
+from dalle_ds.checks import throughput as gc
+from dalle_ds.checks.checks import TRAIN_RUNS
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-PACKAGE = ROOT / "scripts" / "gpucheck"  # the checks behind the CLI
-
-
-def load(module: str):
-    """``gpucheck.<module>`` from scripts/gpucheck/, without putting scripts/ on sys.path (its file
-    names, e.g. evaluate.py, would shadow installed packages for the rest of the session)."""
-    if "gpucheck" not in sys.modules:  # registered first: its dataclasses look their module up
-        spec = importlib.util.spec_from_file_location(
-            "gpucheck", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
-        )
-        sys.modules["gpucheck"] = package = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"gpucheck.{module}")
+PACKAGE = ROOT / "dalle_ds" / "checks"
 
 
 def run(*args, env=None, timeout=120):
@@ -53,7 +43,7 @@ def test_without_cuda_it_says_so_and_exits_2(tmp_path):
 
 
 def test_train_runs_use_shipped_configs_that_match_their_names():
-    for trainer, config, preset, dvae in load("checks").TRAIN_RUNS:
+    for trainer, config, preset, dvae in TRAIN_RUNS:
         data = json.loads((ROOT / "ds_configs" / f"{config}.json").read_text())
         stage, precision = config.split("_")
         assert data["zero_optimization"]["stage"] == int(stage.removeprefix("zero")), config
@@ -66,7 +56,6 @@ def test_train_runs_use_shipped_configs_that_match_their_names():
 
 
 def test_peak_table_and_the_flops_formula():
-    gc = load("throughput")
     assert gc.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gc.peak_bf16_flops("NVIDIA H200") == 989e12
     assert gc.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
@@ -107,9 +96,9 @@ def test_cpu_smoke_runs_its_checks_and_writes_the_report(tmp_path):
 
 
 def test_the_cli_is_thin_and_its_modules_small():
-    assert len(SCRIPT.read_text().splitlines()) <= 120
+    assert len(SCRIPT.read_text().splitlines()) <= 30
     big = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
-    assert not big, f"scripts/gpucheck modules over 400 lines (split them by concern): {big}"
+    assert not big, f"dalle_ds/checks modules over 400 lines (split them by concern): {big}"
 
 
 @pytest.mark.parametrize("crash", ["attention/fp32"])

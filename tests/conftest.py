@@ -67,6 +67,18 @@ def fp16_on_cpu():
         yield
 
 
+def run_script_main(name: str, *argv) -> int:
+    """``main(argv)`` of ``scripts/<name>`` in this process (a fresh module namespace; scripts/ stays off
+    sys.path, where its file names would shadow packages), torch's thread count restored after."""
+    import runpy
+
+    threads = torch.get_num_threads()
+    try:
+        return runpy.run_path(str(ROOT / "scripts" / name))["main"]([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def save_clip(root, tok_file, flip_text=False):
     """A tiny randomly initialised CLIP saved like a hub model (weights, image processor, tokenizer)
     into ``root``; ``flip_text`` negates its text projection."""

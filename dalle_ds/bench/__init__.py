@@ -1,0 +1,7 @@
+"""What the benchmarks in ``scripts/bench_*.py`` measure, importable and tested at toy sizes
+(``tests/test_bench_*.py``); the scripts parse arguments and print tables.
+
+- ``grad_scaling``: fp16 gradient fidelity, one loss scale vs per-resblock scales.
+
+Nothing else in dalle_ds imports this package.
+"""

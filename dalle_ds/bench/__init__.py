@@ -1,7 +1,8 @@
 """What the benchmarks in ``scripts/bench_*.py`` measure, importable and tested at toy sizes
 (``tests/test_bench_*.py``); the scripts parse arguments and print tables.
 
-- ``grad_scaling``: fp16 gradient fidelity, one loss scale vs per-resblock scales.
+- ``grad_scaling``: fp16 gradient fidelity, one loss scale vs per-resblock scales;
+- ``sample``: sampling speed and KV-cache memory of every cache mode.
 
 Nothing else in dalle_ds imports this package.
 """

@@ -1,6 +1,7 @@
 """What the benchmarks in ``scripts/bench_*.py`` measure, importable and tested at toy sizes
 (``tests/test_bench_*.py``); the scripts parse arguments and print tables.
 
+- ``attention``: one attention op (block-sparse, dense, causal SDPA), time and peak memory;
 - ``grad_scaling``: fp16 gradient fidelity, one loss scale vs per-resblock scales;
 - ``sample``: sampling speed and KV-cache memory of every cache mode.
 

@@ -2,6 +2,7 @@
 (``tests/test_bench_*.py``); the scripts parse arguments and print tables.
 
 - ``attention``: one attention op (block-sparse, dense, causal SDPA), time and peak memory;
+- ``data``: the streaming data pipeline against raw JPEG decoding;
 - ``grad_scaling``: fp16 gradient fidelity, one loss scale vs per-resblock scales;
 - ``sample``: sampling speed and KV-cache memory of every cache mode.
 

@@ -5,7 +5,8 @@
 - ``data``: the streaming data pipeline against raw JPEG decoding;
 - ``grad_scaling``: fp16 gradient fidelity, one loss scale vs per-resblock scales;
 - ``powersgd``: the PowerSGD hook's bytes and compression time at the paper's layer shapes;
-- ``sample``: sampling speed and KV-cache memory of every cache mode.
+- ``sample``: sampling speed and KV-cache memory of every cache mode;
+- ``train``: training throughput and memory per ZeRO stage under the launcher.
 
 Nothing else in dalle_ds imports this package.
 """

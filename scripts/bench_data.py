@@ -20,41 +20,11 @@ and prints images/s and each ratio to raw decode (median over rounds).
 from __future__ import annotations
 
 import argparse
-import io
-import random
 import statistics
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from dalle_ds import get_preset
-from dalle_ds.data import DataConfig, StreamLoader, crop_tensor, read_image
-from dalle_ds.data.synthetic import write_tar
-from dalle_ds.data.text import CaptionEncoder, train_tokenizer
-
-
-def make_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)  # smooth content, like photos
-        img = Image.fromarray(small).resize(size, Image.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def write_shards(root: Path, jpegs: list[bytes], captions: list[str], shards: int) -> None:
-    samples = [
-        (f"{i:08d}", {"jpg": d, "txt": c.encode()}) for i, (d, c) in enumerate(zip(jpegs, captions, strict=True))
-    ]
-    for shard in range(shards):
-        write_tar(root / f"bench-{shard:03d}.tar", samples[shard::shards])
+from dalle_ds.bench.data import make_captions, make_jpegs, measure
 
 
 def main() -> None:
@@ -70,58 +40,9 @@ def main() -> None:
     torch.set_num_threads(1)
     w, h = (int(v) for v in args.size.split("x"))
     jpegs = make_jpegs(args.images, (w, h))
-    words = ["red", "green", "small", "large", "circle", "house", "tree", "dog", "near", "river", "at", "night"]
-    rng = np.random.default_rng(1)
-    captions = [" ".join(rng.choice(words, 6)) for _ in range(args.images)]
-    config = get_preset("dalle-tiny")
-    tokenizer = train_tokenizer(captions, min(config.text_vocab_size, 256))
-
-    def raw() -> int:
-        for data in jpegs:
-            Image.open(io.BytesIO(data)).convert("RGB")
-        return len(jpegs)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_shards(Path(tmp), jpegs, captions, args.shards)
-        # Captions tokenized (BPE dropout 0.1) where the trainer has it done: in the data workers.
-        encoder = CaptionEncoder(tokenizer, config, bpe_dropout=0.1)
-        cfg = DataConfig(tmp, image_size=args.image_size, shuffle_buffer=64, caption_encoder=encoder)
-
-        startup: dict[str, list[float]] = {}
-
-        def pipeline(name: str, workers: int):
-            def run() -> tuple[int, float]:
-                # Steady state: the clock starts at the first batch (opening the source and starting
-                # workers happens once per epoch, ~millions of images at scale; reported apart).
-                n, start, opened = 0, None, time.perf_counter()
-                for batch in StreamLoader(cfg, args.batch_size, num_workers=workers, epochs=1):
-                    assert batch["text"].shape == (len(batch["caption"]), config.text_len)
-                    if start is None:
-                        start = time.perf_counter()
-                        startup.setdefault(name, []).append(start - opened)
-                        continue
-                    n += len(batch["caption"])
-                return n, time.perf_counter() - start
-
-            return run
-
-        def decode_crop() -> int:
-            aug = random.Random(0)
-            need = -(-args.image_size * 9 // 8)
-            for data in jpegs:
-                crop_tensor(read_image(data, need, cfg.max_pixels, cfg.fast_jpeg), args.image_size, aug)
-            return len(jpegs)
-
-        cases = {"raw decode": raw, "decode+crop": decode_crop, "pipeline": pipeline("pipeline", 0)}
-        for n in range(1, args.max_workers + 1):
-            cases[f"pipeline x{n} workers"] = pipeline(f"pipeline x{n} workers", n)
-        rates: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                result = fn()
-                count, seconds = result if isinstance(result, tuple) else (result, time.perf_counter() - start)
-                rates[name].append(count / seconds)
+    captions = make_captions(args.images)
+    result = measure(jpegs, captions, args.image_size, args.batch_size, args.shards, args.max_workers, args.rounds)
+    rates, startup = result["rates"], result["startup"]
     base = statistics.median(rates["raw decode"])
     print(f"{args.images} JPEGs {w}x{h} -> {args.image_size}px crops, batch {args.batch_size}, {args.rounds} rounds")
     print("| setting | images/s | vs raw decode | first batch after (s) |")

@@ -21,29 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
 from dalle_ds import get_preset
-from dalle_ds.distributed.powersgd import PowerSGD, PowerSGDConfig
-from dalle_ds.models.dalle import Block
-
-
-def median_ms(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def row_shard(g: torch.Tensor, shards: int, index: int) -> torch.Tensor:
-    rows = g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(-1)
-    return rows.tensor_split(shards)[index].clone()
+from dalle_ds.bench.powersgd import block_grads, measure_setting, settings
 
 
 def main() -> None:
@@ -61,60 +44,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", rank=0, world_size=1)  # a plain torch group: no DeepSpeed needed
 
     config = get_preset(args.preset)
-    kinds = ["row", "column", "conv"]
-    torch.manual_seed(0)
-    blocks = torch.nn.Sequential(*(Block(config, kinds[i % 3]) for i in range(args.blocks)))
-    params = [(n, p) for n, p in blocks.named_parameters()]
-    x = torch.randn(args.batch, config.seq_len, config.d_model)
-
-    def backward():
-        blocks.zero_grad(set_to_none=True)
-        loss = blocks(x).float().pow(2).mean()
-        start = time.perf_counter()
-        loss.backward()
-        return (time.perf_counter() - start) * 1e3
-
-    backward()  # warm-up
-    backward_ms = statistics.median(backward() for _ in range(args.rounds))
-    grads = [(n, p.grad.detach().clone()) for n, p in params]
+    grads, backward_ms = block_grads(config, args.blocks, args.batch, args.rounds)
     n_params = sum(g.numel() for _, g in grads)
     print(
         f"{args.preset}: {args.blocks} block(s), {n_params / 1e6:.1f}M parameters, "
         f"{args.batch} x {config.seq_len} positions; backward {backward_ms:.0f} ms "
         f"({torch.get_num_threads()} threads)"
     )
-
-    settings = []
-    shards = args.gpus_per_node
-    shard_rank = args.total_rank // shards
-    settings.append(
-        (f"paper: {shards} shards x r={shard_rank}", [(n, row_shard(g, shards, 0)) for n, g in grads], shard_rank)
-    )
-    for r in (int(v) for v in args.flat_ranks.split(",") if v):
-        settings.append((f"flat r={r}", grads, r))
-
+    flat_ranks = [int(v) for v in args.flat_ranks.split(",") if v]
     print()
     print("| setting | sent MB/GPU | plain 16-bit MB | plain fp32 MB | vs 16-bit | vs fp32 ", end="")
     print("| compress ms | / backward |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, tensors, rank in settings:
-        hook = PowerSGD(
-            PowerSGDConfig(
-                rank=rank, start_iter=0, min_compression_rate=2, dtype="fp16", orthogonalization="householder"
-            )
-        )
-        work = [(n, g.clone()) for n, g in tensors]
-        hook.reduce(work)  # first call draws and orthogonalises Q: not the steady state
-        sent, full32 = (b / 1e6 for b in hook.last_step_bytes)  # plain: the same tensors in fp32
-        full16 = full32 / 2
-
-        def step(hook=hook, tensors=tensors):
-            hook.reduce([(n, g.clone()) for n, g in tensors])
-
-        ms = median_ms(step, args.rounds)
+    for name, tensors, rank in settings(grads, args.gpus_per_node, args.total_rank, flat_ranks):
+        m = measure_setting(tensors, rank, args.rounds)
+        sent, full16, full32, ms = m["sent_mb"], m["plain16_mb"], m["plain32_mb"], m["ms"]
         print(
             f"| {name} | {sent:.2f} | {full16:.1f} | {full32:.1f} | {1 - sent / full16:.1%} less | "
             f"{1 - sent / full32:.1%} less | {ms:.0f} | {ms / backward_ms:.2f} |"

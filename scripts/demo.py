@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from dalle_ds.distributed.collectives import free_port
+from dalle_ds.distributed.launcher import deepspeed_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,9 +52,7 @@ def batch_layout(batch_size: int, ranks: int) -> tuple[int, int]:
 
 def launch(script: str, ranks: int, args: list[str]) -> None:
     """Run ``scripts/<script>`` under the deepspeed launcher with ``ranks`` processes (CPU, or one per GPU)."""
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [sys.executable, str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]
-    cmd += [str(ROOT / "scripts" / script), *args]
+    cmd = deepspeed_command(ROOT / "scripts" / script, *args, num_gpus=ranks)
     # One math thread per rank: the ranks share the machine's cores.
     cores = os.cpu_count() or 1
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks)), "PYTHONUNBUFFERED": "1"}

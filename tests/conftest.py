@@ -27,15 +27,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def single_process_group():
     """A 1-rank gloo process group in this process, for in-process DeepSpeed engines."""
-    import torch.distributed as dist
+    from dalle_ds.distributed.single_process import init_single_process_group
 
-    from dalle_ds.distributed.process_group import init_distributed
-
-    if not dist.is_initialized():
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
-        init_distributed(dist_backend="gloo")
+    init_single_process_group()
     yield
 
 
@@ -65,14 +59,24 @@ def shards(workdir):
 
 @pytest.fixture
 def fp16_on_cpu():
-    """DeepSpeed refuses fp16 on this CPU accelerator; the math itself runs. Patch that one check
+    """DeepSpeed refuses fp16 on a CPU accelerator without native fp16; the math itself runs. Allow it
     (in this process; launched ranks get it from tests/launch_env/sitecustomize.py)."""
-    from unittest import mock
+    from dalle_ds.distributed.ds_adapter import allow_fp16_on_cpu
 
-    from deepspeed.accelerator import get_accelerator
-
-    with mock.patch.object(type(get_accelerator()), "is_fp16_supported", return_value=True):
+    with allow_fp16_on_cpu():
         yield
+
+
+def run_script_main(name: str, *argv) -> int:
+    """``main(argv)`` of ``scripts/<name>`` in this process (a fresh module namespace; scripts/ stays off
+    sys.path, where its file names would shadow packages), torch's thread count restored after."""
+    import runpy
+
+    threads = torch.get_num_threads()
+    try:
+        return runpy.run_path(str(ROOT / "scripts" / name))["main"]([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save_clip(root, tok_file, flip_text=False):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT, free_port
 
+from dalle_ds.distributed.launcher import deepspeed_command
 from dalle_ds.training.faults import ENV as FAULTS_ENV
 
 STEPS = 6
@@ -19,17 +20,7 @@ LAUNCH_ENV = ROOT / "tests" / "launch_env"  # sitecustomize: fp16 on CPU, collec
 
 
 def deepspeed_cmd(script: str, *args, nprocs: int = 2) -> list[str]:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    return [
-        sys.executable,
-        str(launcher),
-        "--num_gpus",
-        str(nprocs),
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "scripts" / script),
-        *map(str, args),
-    ]
+    return deepspeed_command(ROOT / "scripts" / script, *args, num_gpus=nprocs)
 
 
 def shm_segments() -> set[str]:

@@ -143,6 +143,27 @@ def test_a_checkpointed_model_still_samples_with_its_kv_cache(single_process_gro
     assert cached.shape == (text.shape[0], model.config.image_len)
 
 
+def test_fp16_on_cpu_is_allowed_inside_the_block_only():
+    """Whatever this CPU reports (DeepSpeed says no without native fp16), fp16 is allowed inside the
+    block, and the accelerator's own answer is back after it."""
+    from deepspeed.accelerator import get_accelerator
+
+    from dalle_ds.distributed.ds_adapter import allow_fp16_on_cpu, force_fp16_on_cpu
+
+    acc = get_accelerator()
+    before = acc.is_fp16_supported()
+    with allow_fp16_on_cpu() as patched:
+        assert acc.is_fp16_supported() and patched == (not before)
+    assert acc.is_fp16_supported() == before
+
+    class Refusing:
+        def is_fp16_supported(self):
+            return False
+
+    force_fp16_on_cpu(Refusing)  # what launched test ranks get, on the class as it is defined
+    assert Refusing().is_fp16_supported() is True
+
+
 def test_zero0_fp16_update_matches_fp32_thanks_to_the_loss_scale_fix(single_process_group, fp16_on_cpu):
     fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
 

@@ -12,6 +12,7 @@ import torch
 import torch.utils.checkpoint
 
 from dalle_ds import DALLE, DalleConfig
+from dalle_ds.bench.grad_scaling.fidelity import segment_of  # the parameter -> res block map the benchmark uses
 from dalle_ds.training.grad_scaling import (
     GradScalingConfigError,
     GradScalingError,
@@ -49,13 +50,6 @@ def assert_rounding_close(got, expected):
     for name in expected:
         atol = 1e-6 * expected[name].abs().max().item()
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=atol, msg=name)
-
-
-def segment_of(name: str) -> str:
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        return f"blocks.{parts[1]}.{'attn' if parts[2] in ('ln_1', 'attn') else 'mlp'}"
-    return "rest"
 
 
 class Injector:

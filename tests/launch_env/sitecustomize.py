@@ -42,7 +42,9 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
 
 def _fp16_on_cpu(module):
-    module.CPU_Accelerator.is_fp16_supported = lambda self: True
+    from dalle_ds.distributed.ds_adapter import force_fp16_on_cpu
+
+    force_fp16_on_cpu(module.CPU_Accelerator)
 
 
 if os.environ.get("DALLE_DS_TEST_FP16_ON_CPU") == "1":

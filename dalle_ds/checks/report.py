@@ -16,7 +16,7 @@ __all__ = ["Report", "record", "result_path"]
 
 
 def result_path(work: Path, name: str) -> Path:
-    """Where the worker of check ``name`` writes its result (``gpucheck.worker``)."""
+    """Where the worker of check ``name`` writes its result (``dalle_ds.checks.worker``)."""
     return work / "results" / f"{slug(name)}.json"
 
 

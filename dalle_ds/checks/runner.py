@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import CLI
+from . import WORKER
 from .checks import Check
 from .procs import run_logged, slug, stop_children, tail
 from .report import Report, record, result_path
@@ -79,8 +79,7 @@ def run_checks(checks: list[Check], out: Path, smoke: bool, jobs: int) -> int:
     def run_check(check: Check) -> None:
         log = work / "logs" / f"{slug(check.name)}.log"
         cmd = [
-            sys.executable,
-            str(CLI),
+            *WORKER,
             "--worker",
             check.name,
             "--workdir",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dalle_ds.utils.files import atomic_path
 
-from .checks import all_checks
+from .checks import Check, all_checks
 from .context import CheckFailed, Ctx
 from .kernel_checks import worker_attention, worker_kvcache
 from .procs import stop_children
@@ -19,7 +19,7 @@ from .sampling_checks import worker_sampling
 from .throughput import worker_throughput
 from .training_checks import worker_train
 
-__all__ = ["WORKERS", "run_worker"]
+__all__ = ["WORKERS", "run_check", "run_worker"]
 
 WORKERS = {
     "train": worker_train,
@@ -28,6 +28,27 @@ WORKERS = {
     "sampling": worker_sampling,
     "throughput": worker_throughput,
 }
+
+
+def run_check(check: Check, ctx: Ctx) -> dict:
+    """Run ``check``'s worker in this process; its result: ``status`` (PASS/FAIL), ``details``,
+    ``error`` and ``worker_s``. The check's own verdict (:class:`CheckFailed`) and a crash (its
+    traceback printed) are a FAIL; child processes it left are stopped."""
+    start = time.monotonic()
+    try:
+        status, details = WORKERS[check.phase](ctx, check.params)
+        error = None
+    except CheckFailed as err:
+        status, details = "FAIL", (err.args[1] if len(err.args) > 1 else {})
+        error = err.args[0]
+    except Exception as err:  # a crash is a failed check, with its traceback in the log
+        import traceback
+
+        traceback.print_exc()
+        status, details, error = "FAIL", {}, f"{type(err).__name__}: {err}"
+    finally:
+        stop_children()
+    return {"status": status, "details": details, "error": error, "worker_s": round(time.monotonic() - start, 1)}
 
 
 def run_worker(args) -> int:
@@ -44,21 +65,7 @@ def run_worker(args) -> int:
         import torch
 
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-    start = time.monotonic()
-    try:
-        status, details = WORKERS[check.phase](ctx, check.params)
-        error = None
-    except CheckFailed as err:
-        status, details = "FAIL", (err.args[1] if len(err.args) > 1 else {})
-        error = err.args[0]
-    except Exception as err:  # a crash is a failed check, with its traceback in the log
-        import traceback
-
-        traceback.print_exc()
-        status, details, error = "FAIL", {}, f"{type(err).__name__}: {err}"
-    finally:
-        stop_children()
-    result = {"status": status, "details": details, "error": error, "worker_s": round(time.monotonic() - start, 1)}
+    result = run_check(check, ctx)
     with atomic_path(result_path(work, check.name)) as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0

@@ -8,10 +8,8 @@ import math
 import os
 import shutil
 import statistics
-import sys
-from pathlib import Path
 
-from dalle_ds.distributed.collectives import free_port
+from dalle_ds.distributed.launcher import deepspeed_command
 
 from . import ROOT
 from .checks import SAVE_EVERY, TRAIN_STEPS, TRAIN_TIMEOUT
@@ -56,18 +54,7 @@ def worker_train(ctx: Ctx, p: dict) -> tuple[str, dict]:
         args += ["--dvae", str(dvae_dir), "--micro-batch-size", "4", "--warmup-steps", "1", "--bpe-dropout", "0"]
     else:
         args += ["--micro-batch-size", "8"]
-    launcher = Path(sys.executable).with_name("deepspeed")
-    launcher = str(launcher) if launcher.exists() else (shutil.which("deepspeed") or str(launcher))
-    cmd = [
-        sys.executable,
-        launcher,
-        "--num_gpus",
-        "1",
-        "--master_port",
-        str(free_port()),
-        str(ROOT / "scripts" / f"train_{trainer}.py"),
-        *args,
-    ]
+    cmd = deepspeed_command(ROOT / "scripts" / f"train_{trainer}.py", *args, num_gpus=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "TORCH_EXTENSIONS_DIR": str(ctx.ext_dir)}
     ctx.say("$ " + " ".join(cmd[1:]))
     log = out / "launcher.log"

@@ -14,7 +14,7 @@ setup(
     install_requires=[
         # The tested range; scripts/env.sh and the Dockerfile install the same (tests/test_package.py).
         "torch>=2.13,<2.14",
-        # DeepSpeed internals we hook into (dalle_ds/distributed/ds_adapter.py) were checked against this range.
+        # DeepSpeed internals we hook into (dalle_ds/distributed/ds_adapter/) were checked against this range.
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.40",
         "tokenizers>=0.19",

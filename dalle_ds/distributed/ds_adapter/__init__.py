@@ -36,12 +36,15 @@ from .checkpoint_files import (
     zero3_gather,
 )
 from .engine import (
+    accelerator,
     add_config_arguments,
     apply_activation_checkpointing,
     build_engine,
     cpu_adam,
     gathered,
     init_process_group,
+    register_external_parameter,
+    set_device,
     zero3_init,
 )
 from .fp16_cpu import allow_fp16_on_cpu, force_fp16_on_cpu
@@ -58,6 +61,9 @@ from .versions import SUPPORTED_DEEPSPEED, DeepSpeedInternalsError, DeepSpeedVer
 
 __all__ = [
     "MODEL_STATES",
+    "accelerator",
+    "register_external_parameter",
+    "set_device",
     "SUPPORTED_DEEPSPEED",
     "DeepSpeedInternalsError",
     "DeepSpeedVersionError",

@@ -29,7 +29,7 @@ import torch
 from dalle_ds.inference.big_model import add_loading_args, default_device, load_pipeline_from_args
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="pipeline folder (transformer + tokenizer + dvae/)")
     p.add_argument("--dvae", default=None, help="a dVAE folder, to evaluate it alone")
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--fid-feature-extractor", default=None, help="module:callable returning an nn.Module")
     p.add_argument("--out", default=None)
     add_loading_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not (args.checkpoint or args.dvae):
         p.error("give --checkpoint and/or --dvae")
     scoring = args.fid or args.clip_score or args.candidates > 1

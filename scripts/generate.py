@@ -27,7 +27,7 @@ import torch
 from dalle_ds.inference.big_model import add_loading_args, load_pipeline_from_args
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("caption")
     p.add_argument("--checkpoint", required=True)
@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--prime-rows", type=int, default=0)
     p.add_argument("--cache", choices=["full", "bounded"], default="full", help="KV cache: every position or per kind")
     add_loading_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from dalle_ds.inference.generation import rerank, sample_images
     from dalle_ds.utils.images import save_grid

@@ -100,3 +100,20 @@ def save_clip(root, tok_file, flip_text=False):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root)
     PreTrainedTokenizerFast(tokenizer_file=str(tok_file), pad_token="[UNK]").save_pretrained(root)
     return root
+
+
+
+def script_result(name: str, *argv) -> tuple[int, str, str]:
+    """:func:`run_script_main` as the command line would end: (exit status, stdout, stderr), a
+    ``sys.exit`` / argparse exit included. For tests whose other runs cover the command's start-up."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = run_script_main(name, *argv)
+            code = result if isinstance(result, int) else 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return code, out.getvalue(), err.getvalue()

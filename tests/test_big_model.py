@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, script_result
 from PIL import Image
 
 from dalle_ds import DALLE, DiscreteVAE, get_preset
@@ -140,27 +140,30 @@ def test_placement_over_gpus_without_gpus():
 
 
 def test_generate_script_with_a_device_map_writes_the_same_grid(pipelines, tmp_path):
-    def run(out, *extra):
-        cmd = [sys.executable, str(ROOT / "scripts/generate.py"), CAPTION, "--checkpoint", str(pipelines["sharded"]),
-               "--num-candidates", "3", "--top-k-images", "3", "--seed", "5", "--cond-scale", "2", "--out", str(out),
-               *extra]  # fmt: skip
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """The spread run is the command in a fresh interpreter; the whole-model reference and the
+    refused budgets run the same script's main in this process."""
 
-    whole = run(tmp_path / "whole.png")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    def argv(out, *extra):
+        return [CAPTION, "--checkpoint", str(pipelines["sharded"]), "--num-candidates", "3", "--top-k-images", "3",
+                "--seed", "5", "--cond-scale", "2", "--out", str(out), *extra]  # fmt: skip
+
+    code, _, err = script_result("generate.py", *argv(tmp_path / "whole.png"))
+    assert code == 0, err[-3000:]
     budget = f"cpu={222_208 + 2 * BLOCK_BYTES + 1000}"
-    spread = run(tmp_path / "spread.png", "--device-map", "sequential", "--max-memory", budget,
-                 "--offload-folder", str(tmp_path / "off"))  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "scripts/generate.py"), *argv(tmp_path / "spread.png", "--device-map",
+           "sequential", "--max-memory", budget, "--offload-folder", str(tmp_path / "off"))]  # fmt: skip
+    spread = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert spread.returncode == 0, spread.stderr[-3000:]
     pixels = [np.array(Image.open(tmp_path / name)) for name in ("whole.png", "spread.png")]
     assert pixels[0].shape == pixels[1].shape and np.array_equal(*pixels)
     record = json.loads((tmp_path / "spread.png.json").read_text())
     assert record["device_map"] == "sequential" and record["cond_scale"] == 2.0  # guided, blocks on disk
     assert any((tmp_path / "off").iterdir())
-    bad = run(tmp_path / "bad.png", "--max-memory", "cpu=1GiB")
-    assert bad.returncode == 2 and "need --device-map" in bad.stderr
-    bad = run(tmp_path / "bad.png", "--device-map", "auto", "--max-memory", "disk=lots")
-    assert bad.returncode == 2 and "DEVICE=SIZE" in bad.stderr
+    code, _, err = script_result("generate.py", *argv(tmp_path / "bad.png", "--max-memory", "cpu=1GiB"))
+    assert code == 2 and "need --device-map" in err
+    code, _, err = script_result("generate.py", *argv(tmp_path / "bad.png", "--device-map", "auto", "--max-memory",
+                                                       "disk=lots"))  # fmt: skip
+    assert code == 2 and "DEVICE=SIZE" in err
 
 
 def test_evaluate_script_with_blocks_on_disk_reports_the_same_numbers(pipelines, tmp_path):
@@ -170,15 +173,19 @@ def test_evaluate_script_with_blocks_on_disk_reports_the_same_numbers(pipelines,
     holdout = tmp_path / "holdout.json"
     holdout.write_text(json.dumps([caption_of(c) for c in ALL_COMBOS[:6]]))
 
-    def run(name, *extra):
-        cmd = [sys.executable, str(ROOT / "scripts/evaluate.py"), "--checkpoint", str(pipelines["single"]),
-               "--num", "8", "--per-caption", "2", "--holdout", str(holdout), "--cond-scale", "2",
-               "--out", str(tmp_path / name), *extra]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    def run(name, *extra, fresh=True):  # fresh: the command in a new interpreter, else its main here
+        argv = ["--checkpoint", str(pipelines["single"]), "--num", "8", "--per-caption", "2", "--holdout",
+                str(holdout), "--cond-scale", "2", "--out", str(tmp_path / name), *extra]  # fmt: skip
+        if fresh:
+            proc = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), *argv], capture_output=True,
+                                  text=True, timeout=300)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            code, _, err = script_result("evaluate.py", *argv)
+            assert code == 0, err[-3000:]
         return json.loads((tmp_path / name).read_text())
 
-    whole = run("whole.json")
+    whole = run("whole.json", fresh=False)
     spread = run("spread.json", "--device-map", "sequential", "--max-memory", f"cpu={222_208 + 2 * BLOCK_BYTES}",
                  "--offload-folder", str(tmp_path / "off"))  # fmt: skip
     assert spread["caption_accuracy"] == whole["caption_accuracy"] and spread["dvae"] == whole["dvae"]

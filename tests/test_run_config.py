@@ -150,3 +150,34 @@ def test_print_config_prints_the_resolved_yaml(capsys):
     assert stop.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(parse_run_config(DalleRunConfig, [*REQUIRED, "--lr", "1e-3"]).to_dict()))
+
+
+def test_a_run_writes_its_configs_and_resume_names_what_changed(tmp_path, dvae_dir, single_process_group):
+    """In-process (one rank): run_config.yaml and the prepared ds_config.json land in <output>/ and in
+    each checkpoint; a resume with another learning rate and another JSON setting reports both."""
+    from launching import shipped_config, train_args
+
+    from dalle_ds.training import DalleTrainer
+
+    out = tmp_path / "run"
+    cfg = shipped_config(tmp_path, "cpu_zero2_fp32")
+    args = [str(a) for a in train_args(dvae_dir, out, cfg)]
+    args[args.index("--steps") + 1] = "2"
+    run = parse_run_config(DalleRunConfig, args)
+    DalleTrainer(run).run()
+    assert parse_run_config(DalleRunConfig, ["--config", str(out / "run_config.yaml")]) == run
+    prepared = json.loads((out / "ds_config.json").read_text())
+    assert (prepared["train_micro_batch_size_per_gpu"], prepared["train_batch_size"]) == (2, 2)
+    ckpt = out / "checkpoints" / "step00000002"
+    assert (ckpt / "run_config.yaml").read_text() == (out / "run_config.yaml").read_text()
+    assert json.loads((ckpt / "ds_config.json").read_text()) == prepared
+
+    changed = shipped_config(tmp_path, "cpu_zero2_fp32", gradient_clipping=1.0)
+    args[args.index("--deepspeed_config") + 1] = str(changed)
+    args[args.index("--lr") + 1] = "1e-3"
+    resumed = DalleTrainer(parse_run_config(DalleRunConfig, [*args, "--resume"]))
+    assert resumed.step == 2
+    assert resumed.changed_settings == [
+        "deepspeed.gradient_clipping: 4.0 -> 1.0", f"deepspeed_config: {str(cfg)!r} -> {str(changed)!r}",
+        "optimizer.lr: 0.003 -> 0.001",
+    ]  # fmt: skip

@@ -264,7 +264,8 @@ class Trainer(abc.ABC):
         tag, client, rank_state, shared_state = loaded
         if client["world_size"] != self.world:
             self.log(f"resuming {tag} written by {client['world_size']} ranks on {self.world}: data order changes")
-        for change in resume_changes(client, self.cfg, self.raw_ds_config):
+        self.changed_settings = resume_changes(client, self.cfg, self.raw_ds_config)
+        for change in self.changed_settings:
             self.log(f"warning: --resume: setting changed since {tag}: {change}")
         self.step, self.bad_steps = client["step"], client["bad_steps"]
         if self.scaler is not None and "grad_scaling" in client:

@@ -1,6 +1,7 @@
 """Test-only process setup for ranks started by the `deepspeed` launcher (never shipped).
 
-Tests put this folder on PYTHONPATH; Python imports ``sitecustomize`` at start-up in every rank.
+Tests put this folder on PYTHONPATH; Python imports ``sitecustomize`` at start-up in every rank
+(ranks forked by tests/rank_server.py run :func:`install` themselves).
 
 - ``DALLE_DS_TEST_FP16_ON_CPU=1``: DeepSpeed refuses fp16 on the CPU accelerator in one capability
   check (``is_fp16_supported``) although the arithmetic runs; patch that check once DeepSpeed's CPU
@@ -47,10 +48,22 @@ def _fp16_on_cpu(module):
     force_fp16_on_cpu(module.CPU_Accelerator)
 
 
-if os.environ.get("DALLE_DS_TEST_FP16_ON_CPU") == "1":
-    sys.meta_path.insert(0, _PatchAfterImport(_CPU_ACCELERATOR, _fp16_on_cpu))
+def _when_imported(name, patch):
+    if name in sys.modules:  # a rank forked from a process that imported it already (tests/rank_server.py)
+        patch(sys.modules[name])
+    else:
+        sys.meta_path.insert(0, _PatchAfterImport(name, patch))
 
-if os.environ.get("DALLE_DS_TEST_RECORD_COLLECTIVES"):
-    import collective_recorder
 
-    sys.meta_path.insert(0, _PatchAfterImport("torch.distributed", collective_recorder.install))
+def install():
+    """Apply what the environment asks for: at interpreter start-up (this file as ``sitecustomize``)
+    or in a rank forked from a process that has imported torch and DeepSpeed already."""
+    if os.environ.get("DALLE_DS_TEST_FP16_ON_CPU") == "1":
+        _when_imported(_CPU_ACCELERATOR, _fp16_on_cpu)
+    if os.environ.get("DALLE_DS_TEST_RECORD_COLLECTIVES"):
+        import collective_recorder
+
+        _when_imported("torch.distributed", collective_recorder.install)
+
+
+install()

@@ -58,6 +58,10 @@ def test_world_size_is_checked_against_the_batch_sizes(tmp_path):
     config.write_text('{"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}')
     summary = check_launch(hosts, config, ["--preset", "x", "--micro-batch-size", "2", "--grad-accum", "3"])
     assert summary["train_batch_size"] == 2 * 3 * 16
+    run = tmp_path / "run.yaml"  # or the trainer's run YAML, flags winning over it as in the trainers
+    run.write_text("train: {micro_batch_size: 4, grad_accum: 2}\n")
+    assert check_launch(hosts, config, ["--config", str(run)])["train_batch_size"] == 4 * 2 * 16
+    assert check_launch(hosts, config, ["--config", str(run), "--grad-accum", "1"])["train_batch_size"] == 4 * 16
     proc = subprocess.run(
         [sys.executable, "-m", "dalle_ds.distributed.cluster", str(write(tmp_path, "w0 slots=2\nw0 slots=2\n"))]
         + ["--deepspeed_config", str(config)],

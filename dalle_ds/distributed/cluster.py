@@ -81,23 +81,37 @@ def select_slots(hosts: dict[str, int], include: str = "", exclude: str = "") ->
     return chosen
 
 
+def trainer_batch_settings(train_args) -> tuple[int | None, int | None]:
+    """(micro batch, gradient accumulation) a trainer command line sets: its ``--micro-batch-size`` /
+    ``--grad-accum`` flags, else the ``train`` section of its ``--config`` run YAML (flag > YAML, as
+    the trainers resolve them; dalle_ds.training.run_config names these settings)."""
+    import yaml
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--config", default=None)
+    known, _ = p.parse_known_args(list(map(str, train_args)))
+    train = {}
+    if known.config and Path(known.config).is_file():
+        data = yaml.safe_load(Path(known.config).read_text()) or {}
+        train = data.get("train") or {} if isinstance(data, dict) else {}
+    micro = known.micro_batch_size if known.micro_batch_size is not None else train.get("micro_batch_size")
+    accum = known.grad_accum if known.grad_accum is not None else train.get("grad_accum")
+    return micro, accum
+
+
 def check_launch(hostfile, ds_config, train_args=(), include: str = "", exclude: str = "") -> dict:
     """Validate a launch; returns a summary (hosts, world size, resolved batch sizes)."""
     from .ds_config import load_ds_config, prepare_ds_config
 
     slots = select_slots(parse_hostfile(hostfile), include, exclude)
     world = sum(len(s) for s in slots.values())
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--grad-accum", type=int, default=None)
-    known, _ = p.parse_known_args(list(train_args))
+    micro, accum = trainer_batch_settings(train_args)
     config = prepare_ds_config(
-        load_ds_config(ds_config),
-        world_size=world,
-        micro_batch_size=known.micro_batch_size,
-        gradient_accumulation_steps=known.grad_accum,
+        load_ds_config(ds_config), world_size=world, micro_batch_size=micro, gradient_accumulation_steps=accum,
         source=str(ds_config),
-    )
+    )  # fmt: skip
     return {
         "hosts": {h: len(s) for h, s in slots.items()},
         "world_size": world,

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .run_args import _flag, _leaves, _show
+from .run_args import flag_name, setting_fields, shown_value
 from .run_config import DalleRunConfig, DVAERunConfig
 
 __all__ = ["config_reference"]
@@ -18,10 +18,10 @@ def config_reference() -> str:
     for cls, script in ((DalleRunConfig, "train_dalle.py"), (DVAERunConfig, "train_dvae.py")):
         lines += [f"### `scripts/{script}` ({cls.__name__})", "", "| YAML key | flag | default | meaning |",
                   "|---|---|---|---|"]  # fmt: skip
-        for key, f, default, _ in _leaves(cls):
-            shown = "required" if f.metadata.get("required") else f"`{_show(default)}`"
+        for key, f, default, _ in setting_fields(cls):
+            shown = "required" if f.metadata.get("required") else f"`{shown_value(default)}`"
             meaning = f.metadata["help"].replace("|", "\\|")
-            lines.append(f"| `{key}` | `{_flag(key, f)}` | {shown} | {meaning} |")
+            lines.append(f"| `{key}` | `{flag_name(key, f)}` | {shown} | {meaning} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -19,14 +19,23 @@ import yaml
 
 from .run_config import RunConfig, RunConfigError
 
-__all__ = ["arg_parser", "changed_settings", "parse_run_config", "resume_changes", "run_config_from_dict"]
+__all__ = [
+    "arg_parser",
+    "changed_settings",
+    "flag_name",
+    "parse_run_config",
+    "resume_changes",
+    "run_config_from_dict",
+    "setting_fields",
+    "shown_value",
+]
 
 
 def _is_section(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("section"))
 
 
-def _leaves(cls) -> list[tuple[str, dataclasses.Field, Any, Any]]:
+def setting_fields(cls) -> list[tuple[str, dataclasses.Field, Any, Any]]:
     """(dotted key, field, default, type) of every setting of a run config class, sections expanded."""
     hints = typing.get_type_hints(cls)
     out = []
@@ -77,7 +86,7 @@ def _coerce(key: str, value: Any, hint, where: str) -> Any:
 def run_config_from_dict(cls, values: dict[str, Any], where: str = "") -> RunConfig:
     """Build ``cls`` from nested values (a YAML's, or :meth:`to_dict`'s): unknown keys, wrong types,
     missing required settings and invalid values raise :class:`RunConfigError` naming the key."""
-    leaves = {key: (f, hint) for key, f, _, hint in _leaves(cls)}
+    leaves = {key: (f, hint) for key, f, _, hint in setting_fields(cls)}
     sections = {f.name for f in dataclasses.fields(cls) if _is_section(f)}
     flat: dict[str, Any] = {}
     for key, value in values.items():
@@ -94,7 +103,7 @@ def run_config_from_dict(cls, values: dict[str, Any], where: str = "") -> RunCon
     flat = {k: _coerce(k, v, leaves[k][1], where) for k, v in flat.items()}
     missing = [k for k, (f, _) in leaves.items() if f.metadata.get("required") and flat.get(k) is None]
     if missing:
-        flags = ", ".join(f"{_flag(k, leaves[k][0])} ({k})" for k in missing)
+        flags = ", ".join(f"{flag_name(k, leaves[k][0])} ({k})" for k in missing)
         raise RunConfigError(f"missing required setting(s): {flags}; give them as flags or in --config")
     kwargs: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
@@ -114,11 +123,11 @@ def run_config_from_dict(cls, values: dict[str, Any], where: str = "") -> RunCon
     return cls(**kwargs)
 
 
-def _flag(key: str, f: dataclasses.Field) -> str:
+def flag_name(key: str, f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + key.rpartition(".")[2].replace("_", "-")
 
 
-def _show(value) -> str:
+def shown_value(value) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value))
     return "none" if value is None else str(value)
@@ -134,11 +143,11 @@ def arg_parser(cls, description: str) -> argparse.ArgumentParser:
     launcher.add_argument("--local_rank", type=int, help="set by the deepspeed launcher (the rank's local index)")
     launcher.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed's conventions; no effect")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for key, f, default, hint in _leaves(cls):
+    for key, f, default, hint in setting_fields(cls):
         name = key.partition(".")[0] if "." in key else "run"
         group = groups.setdefault(name, p.add_argument_group(name))
         base, _ = _base_type(hint)
-        shown = "required" if f.metadata.get("required") else f"default: {_show(default)}"
+        shown = "required" if f.metadata.get("required") else f"default: {shown_value(default)}"
         text = f"{f.metadata['help']} [{key}; {shown}]".replace("%", "%%")  # argparse formats help with %
         kw: dict[str, Any] = {"dest": key, "metavar": key.rpartition(".")[2].upper(), "help": text}
         if base is bool:
@@ -149,7 +158,7 @@ def arg_parser(cls, description: str) -> argparse.ArgumentParser:
             kw["type"] = base
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-        group.add_argument(_flag(key, f), **kw)
+        group.add_argument(flag_name(key, f), **kw)
     return p
 
 

@@ -227,5 +227,12 @@ def resume_copy(script, args, reference: Path, tag: str = "step00000004", **laun
     (out / "checkpoints" / "latest").write_text(tag)
     resumed = launch(script, *args, "--resume", **launch_kw)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed from {tag}" in resumed.stdout
+    assert_resumed(out)
     return resumed
+
+
+def assert_resumed(out: Path) -> None:
+    """metrics.jsonl holds each step once: the resumed run cut the lines past its checkpoint and
+    continued from there (a run started afresh would have appended a second step 1)."""
+    steps = [row["step"] for row in metrics(out)]
+    assert steps == list(range(1, len(steps) + 1)), steps

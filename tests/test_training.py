@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, free_port
-from launching import STEPS, crash_and_resume, ds_config, launch, losses, metrics, resume_copy, train_args
+from launching import (
+    STEPS,
+    assert_resumed,
+    crash_and_resume,
+    ds_config,
+    launch,
+    losses,
+    metrics,
+    resume_copy,
+    train_args,
+)
 from shared_runs import RANK4, stream_powersgd_run, stream_run_args, vq_dvae_run
 
 from dalle_ds import load_model
@@ -72,10 +82,10 @@ def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
     def check(out):
         assert (out / "checkpoints" / "latest").read_text() == "step00000004"
 
-    resumed = crash_and_resume(  # the launcher stops the surviving rank and fails the job
+    crash_and_resume(  # the launcher stops the surviving rank and fails the job
         "train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_after_step": 5}, check_crashed=check, launcher=True
     )
-    assert "resumed from step00000004" in resumed.stdout
+    assert_resumed(out)
     got = losses(out)
     assert len(got) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-6, atol=1e-6)
@@ -91,10 +101,10 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(workdir, dvae_
         assert (ckpts / "latest").read_text() == "step00000002"
         assert (ckpts / "step00000004").exists() and not (ckpts / "step00000004" / "complete.json").exists()
 
-    resumed = crash_and_resume(
+    crash_and_resume(
         "train_dalle.py", train_args(dvae_dir, out, cfg), {"kill_in_save": 4}, check_crashed=check
     )
-    assert "resumed from step00000002" in resumed.stdout
+    assert_resumed(out)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(ref), rtol=1e-6, atol=1e-6)
 
 

@@ -329,7 +329,6 @@ def test_two_nodes_x_two_ranks_hierarchical_powersgd(workdir, dvae_dir):
     for node, log in zip(nodes, logs, strict=True):
         assert node.returncode == 0, log[-4000:]
     assert "launch check ok: 4 ranks (node-a:2, node-b:2)" in logs[0]
-    assert "parameters identical on all 4 ranks" in logs[0]
     hashes = {(out / f"param_sha256_rank{r}.txt").read_text() for r in range(4)}
     assert len(hashes) == 1, "ranks diverged"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -37,7 +37,6 @@ from .checkpoint_files import (
 )
 from .engine import (
     accelerator,
-    add_config_arguments,
     apply_activation_checkpointing,
     build_engine,
     cpu_adam,
@@ -67,7 +66,6 @@ __all__ = [
     "SUPPORTED_DEEPSPEED",
     "DeepSpeedInternalsError",
     "DeepSpeedVersionError",
-    "add_config_arguments",
     "after_skipped_step",
     "allow_fp16_on_cpu",
     "apply_activation_checkpointing",

@@ -49,13 +49,6 @@ def set_device(local_rank: int) -> None:
     get_accelerator().set_device(local_rank)
 
 
-def add_config_arguments(parser):
-    """DeepSpeed's launcher arguments (``--deepspeed_config``, ``--deepspeed``)."""
-    import deepspeed
-
-    return deepspeed.add_config_arguments(parser)
-
-
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 

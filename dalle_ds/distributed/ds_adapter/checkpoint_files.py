@@ -69,5 +69,3 @@ def rng_tracker_states() -> dict[str, Any]:
 
 def set_rng_tracker_states(states: dict[str, Any]) -> None:
     _rng_tracker().set_states(states)
-
-

@@ -161,5 +161,3 @@ def apply_activation_checkpointing(blocks: torch.nn.ModuleList, ds_config: dict[
         block.forward = forward
         block._dalle_ds_checkpointed = True
     return True
-
-

@@ -136,5 +136,3 @@ def write_monitor(engine, events: list[tuple[str, float, int]]) -> None:
     """Events to the monitors the config enables (csv_monitor, tensorboard, wandb, comet)."""
     if engine.monitor.enabled:
         engine.monitor.write_events(events)
-
-

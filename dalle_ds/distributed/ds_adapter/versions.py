@@ -48,5 +48,3 @@ def _internal(obj: Any, name: str, what: str) -> Any:
             f"DeepSpeed moved an internal (supported: deepspeed{','.join(SUPPORTED_DEEPSPEED)})"
         )
     return getattr(obj, name)
-
-

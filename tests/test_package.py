@@ -318,11 +318,12 @@ def test_dockerfile_lints_and_its_python_install_steps_resolve(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "fresh")], check=True, timeout=300)
+    # An empty virtualenv, resolved into by this environment's (current) pip: `pip --python` targets it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "fresh")], check=True, timeout=300)
     report = tmp_path / "report.json"
     proc = subprocess.run(
-        [str(tmp_path / "fresh" / "bin" / "pip"), "install", "-q", "--dry-run", "--ignore-installed"]
-        + ["--report", str(report), s["torch"], *map(str, wheels.glob("*.whl"))],
+        [sys.executable, "-m", "pip", "--python", str(tmp_path / "fresh" / "bin" / "python"), "install", "-q"]
+        + ["--dry-run", "--ignore-installed", "--report", str(report), s["torch"], *map(str, wheels.glob("*.whl"))],
         capture_output=True,
         text=True,
         timeout=600,

@@ -63,6 +63,7 @@ class Trainer(abc.ABC):
         torch.manual_seed(derive_seed(cfg.train.seed, NOISE, self.rank))  # per-rank noise streams
         self.step = 0
         self.bad_steps = 0
+        self.changed_settings: list[str] = []  # what a resume found changed since its checkpoint
         self.metrics = MetricsLog(self.out, self.rank, cfg.logging.log_every, cfg.train.steps)
         self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep)
         if cfg.checkpoint.resume:

@@ -46,6 +46,7 @@ from .engine import (
     set_device,
     zero3_init,
 )
+from .estimators import estimate_model_states
 from .fp16_cpu import allow_fp16_on_cpu, force_fp16_on_cpu
 from .step import (
     after_skipped_step,
@@ -74,6 +75,7 @@ __all__ = [
     "build_engine",
     "check_version",
     "cpu_adam",
+    "estimate_model_states",
     "force_fp16_on_cpu",
     "gathered",
     "init_process_group",

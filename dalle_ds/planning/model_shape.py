@@ -1,0 +1,180 @@
+"""What a model is made of and what its forward saves for backward, found on the meta device.
+
+:func:`model_shape` builds the DALL-E on the meta device (no weights allocated) and lists its
+parameters (names, shapes, the modules that own them). :func:`trace_activations` runs the real
+forward and loss on meta inputs under :func:`torch.autograd.graph.saved_tensors_hooks` and records
+every tensor autograd keeps for backward, attributed to the embeddings, each transformer block or
+the logits and loss: the same tensors a real run saves, without a byte of memory. Parameters that
+ops save are not counted (they are weights, counted once elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+
+import torch
+
+from ..models.attention import resolve_attention_impl
+from ..models.config import DalleConfig, DVAEConfig
+from ..models.dalle import DALLE
+from ..models.dvae import DiscreteVAE
+from ..models.init import meta_modules
+
+__all__ = ["ActivationTrace", "ModelShape", "ParamInfo", "dvae_param_count", "model_shape", "trace_activations"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    module: str  # the owning module's qualified name
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    config: DalleConfig
+    params: tuple[ParamInfo, ...]  # in ``named_parameters`` order (the order DeepSpeed buckets them in)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def largest_module_numel(self) -> int:
+        """Parameters of the largest single module (what ZeRO-3 gathers at once, what a module-by-module
+        materialisation holds on the host)."""
+        per: dict[str, int] = {}
+        for p in self.params:
+            per[p.module] = per.get(p.module, 0) + p.numel
+        return max(per.values())
+
+    def embedding_numel(self) -> int:
+        return sum(p.numel for p in self.params if p.module.endswith(("_emb", "_pos", "_row", "_col")))
+
+
+@functools.lru_cache(maxsize=32)
+def model_shape(config: DalleConfig) -> ModelShape:
+    with meta_modules():
+        model = DALLE(config)
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = mod_name
+    params = tuple(ParamInfo(n, tuple(p.shape), owners[n]) for n, p in model.named_parameters())
+    return ModelShape(config, params)
+
+
+@functools.lru_cache(maxsize=8)
+def dvae_param_count(config: DVAEConfig) -> int:
+    with meta_modules():
+        return sum(p.numel() for p in DiscreteVAE(config).parameters())
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationTrace:
+    """Bytes autograd saves in one micro batch's forward (no activation checkpointing)."""
+
+    micro_batch: int
+    dtype: torch.dtype
+    embeddings: int  # saved by the embedding sums, before the first block
+    blocks: tuple[int, ...]  # saved inside each transformer block
+    block_inputs: tuple[int, ...]  # each block's input (what activation checkpointing keeps)
+    head: int  # final norm, logits and cross-entropy
+    logits: int  # the fp32 logits tensors themselves (their gradient is as large, at backward's start)
+    attention_impl: str
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + sum(self.blocks) + self.head
+
+    def checkpointed_peak(self) -> int:
+        """Peak saved bytes with every block checkpointed: every block input, the embeddings and head,
+        plus one block's full set while backward recomputes it."""
+        return self.embeddings + sum(self.block_inputs) + self.head + max(self.blocks, default=0)
+
+
+@contextlib.contextmanager
+def _meta_branches() -> Iterator[None]:
+    """``bool()`` of a meta tensor is False inside the block. The forward's only data-dependent
+    branches are its input range checks, which meta inputs (no values) cannot fail."""
+    original = torch.Tensor.__bool__
+
+    def meta_bool(self):
+        return False if self.is_meta else original(self)
+
+    torch.Tensor.__bool__ = meta_bool
+    try:
+        yield
+    finally:
+        torch.Tensor.__bool__ = original
+
+
+@functools.lru_cache(maxsize=64)
+def trace_activations(config: DalleConfig, micro_batch: int, dtype: torch.dtype, device_type: str) -> ActivationTrace:
+    """Run the forward and loss of one micro batch on the meta device in ``dtype`` with each layer's
+    attention implementation as it resolves on ``device_type`` (e.g. 'cuda'), recording what autograd
+    saves. Storages are counted once (views of one tensor share it)."""
+    with meta_modules():
+        model = DALLE(config)
+    model.to(dtype)
+    seq = config.text_len + config.image_len
+    impls = set()
+    for block in model.blocks:
+        block.attn.impl = resolve_attention_impl(config.attention_impl, device_type, seq)
+        impls.add(block.attn.impl)
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    phase = ["embeddings"]
+    saved: dict[str, dict[int, int]] = {}
+    inputs: list[int] = []
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage._cdata not in param_storages:
+            saved.setdefault(phase[0], {})[storage._cdata] = storage.nbytes()
+        return t
+
+    def enter(name):
+        def hook(module, args):
+            phase[0] = name
+            if name.startswith("block"):
+                inputs.append(args[0].numel() * args[0].element_size())
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(enter(f"block{i}")) for i, block in enumerate(model.blocks)]
+    handles.append(model.ln_f.register_forward_pre_hook(enter("head")))
+    text = torch.zeros(micro_batch, config.text_len, dtype=torch.long, device="meta")
+    codes = torch.zeros(micro_batch, config.image_len, dtype=torch.long, device="meta")
+    try:
+        with _meta_branches(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(text, image_codes=codes, return_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+    # A storage saved in two phases (a block's output is the next block's input) counts where it was
+    # first saved.
+    seen: set[int] = set()
+    totals: dict[str, int] = {}
+    for name in ["embeddings", *(f"block{i}" for i in range(len(model.blocks))), "head"]:
+        part = {k: v for k, v in saved.get(name, {}).items() if k not in seen}
+        seen.update(part)
+        totals[name] = sum(part.values())
+    logits = sum(t.numel() * t.element_size() for t in (out.text_logits, out.image_logits))
+    return ActivationTrace(
+        micro_batch=micro_batch,
+        dtype=dtype,
+        embeddings=totals["embeddings"],
+        blocks=tuple(totals[f"block{i}"] for i in range(len(model.blocks))),
+        block_inputs=tuple(inputs),
+        head=totals["head"],
+        logits=logits,
+        attention_impl="+".join(sorted(impls)),
+    )

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT as REPO
 from conftest import script_result
+
 from dalle_ds import load_config
 from dalle_ds.distributed.ds_config import load_ds_config
 from dalle_ds.planning.layout import Layout, PlanError, parse_bytes
@@ -20,7 +20,8 @@ from dalle_ds.planning.model_shape import trace_activations
 from dalle_ds.planning.plan import plan_run
 from dalle_ds.planning.traffic import Collective, bytes_sent
 
-REQUIRED = {"fits", "total_bytes", "components", "host_bytes_at_start", "intra_node_bytes_per_step", "inter_node_bytes_per_step"}
+REQUIRED = {"fits", "total_bytes", "components", "host_bytes_at_start",
+            "intra_node_bytes_per_step", "inter_node_bytes_per_step"}
 
 
 def _json(out: str) -> dict:

@@ -54,7 +54,8 @@ def _dvae_config(spec: str) -> DVAEConfig:
             raise UsageError(f"--dvae {spec}: no config.json in the folder")
         data = json.loads(config_file.read_text())
         if data.get("model_type") != DVAEConfig.kind:
-            raise UsageError(f"--dvae {spec}: {config_file} is not a dVAE config (model_type={data.get('model_type')!r})")
+            kind = data.get("model_type")
+            raise UsageError(f"--dvae {spec}: {config_file} is not a dVAE config (model_type={kind!r})")
         config = DVAEConfig.from_dict(data, source=str(config_file))
     else:
         config = load_config(spec)

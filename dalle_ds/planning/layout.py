@@ -13,7 +13,8 @@ from ..training.errors import UsageError
 
 __all__ = ["EngineSettings", "Layout", "PlanError", "parse_bytes"]
 
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class PlanError(UsageError):
@@ -44,7 +45,8 @@ class Layout:
     grad_accum: int | None = None
 
     def __post_init__(self):
-        for key, flag in (("nodes", "--nodes"), ("gpus_per_node", "--gpus-per-node"), ("micro_batch", "--micro-batch-size")):
+        flags = (("nodes", "--nodes"), ("gpus_per_node", "--gpus-per-node"), ("micro_batch", "--micro-batch-size"))
+        for key, flag in flags:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise PlanError(f"{flag}={value!r}: must be a positive integer")
@@ -107,7 +109,11 @@ class EngineSettings:
             raise PlanError(str(err)) from None
         zero = ds.get("zero_optimization", {}) or {}
         stage = zero_stage(ds)
-        precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+        precision = "fp32"
+        if ds.get("bf16", {}).get("enabled"):
+            precision = "bf16"
+        elif ds.get("fp16", {}).get("enabled"):
+            precision = "fp16"
         off_opt = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
         off_param = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
         if off_param and stage != 3:
@@ -146,4 +152,5 @@ def _check_hook(hook: dict, stage: int, precision: str, source: str) -> None:
     if hook.get("type") != "powersgd":
         raise PlanError(f"{source}: communication_hook.type={hook.get('type')!r}: the planner knows 'powersgd'")
     if stage == 1 and precision == "bf16":
-        raise PlanError(f"{source}: communication_hook with bf16 at ZeRO stage 1 (DeepSpeed's BF16_Optimizer) is not supported")
+        raise PlanError(f"{source}: communication_hook with bf16 at ZeRO stage 1 "
+                        "(DeepSpeed's BF16_Optimizer) is not supported")

@@ -49,7 +49,8 @@ def format_plan(plan: RunPlan, source: str = "") -> str:
     ]
     if plan.deepspeed_estimate is not None:
         states = sum(plan.components[k] for k in ("weights_16bit", "weights_fp32", "gradients", "optimizer_states"))
-        lines.append(f"  model states: {gib(states)} GiB; DeepSpeed's own estimator says {gib(plan.deepspeed_estimate)} GiB")
+        ours, theirs = gib(states), gib(plan.deepspeed_estimate)
+        lines.append(f"  model states: {ours} GiB; DeepSpeed's own estimator says {theirs} GiB")
     per_node = plan.host_bytes_at_start * lay.gpus_per_node
     lines += [
         "",

@@ -139,3 +139,10 @@ def test_ring_bytes_split_intra_and_inter_node():
     assert bytes_sent([Collective("all_gather", "intra", S)], 2, 4) == (int(3 / 4 * S), 0)
     assert bytes_sent([Collective("all_reduce", "inter", S)], 2, 4) == (0, int(S))
     assert bytes_sent([Collective("all_reduce", "world", S)], 1, 1) == (0, 0)
+
+
+def test_docs_planning_holds_the_current_tables():
+    """docs/planning.md's tables are what the planner prints today (python -m dalle_ds.planning.tables --write)."""
+    from dalle_ds.planning.tables import render
+
+    assert render(REPO) in (REPO / "docs" / "planning.md").read_text()

@@ -5,14 +5,16 @@ sees the config), e.g.::
 
     "communication_hook": {"type": "powersgd", "rank": 4, "start_iter": 10, "min_compression_rate": 2,
                            "error_feedback": true, "warm_start": false, "orthogonalization": "householder",
-                           "dtype": "fp16", "hierarchical": true}
+                           "dtype": "fp16", "error_dtype": "auto", "hierarchical": true}
 
 Per weight matrix M (n x m) with rank r: P = M Q, all-reduce P, orthogonalise P, Q = M^T P,
-all-reduce Q, M ~= P Q^T / world, with error feedback (the residual joins the next step's gradient).
+all-reduce Q, M ~= P Q^T / world, with error feedback (the residual joins the next step's gradient;
+it is stored in ``error_dtype``, 16 bits by default under bf16/fp16). The math runs one matrix at a
+time in fp32, recomputing M = gradient + residual in each of its three passes instead of keeping it.
 Vectors (biases, gains), embeddings and matrices too small to gain go through one plain fp32
 all-reduce. ``warm_start: true`` starts each step's power iteration from the previous Q; ``false``
 is the paper's variant: one random Q per matrix, drawn once and kept. ``hierarchical`` reduces
-exactly inside a node and compresses only across nodes.
+exactly inside a node and compresses only across nodes (on one node: an exact all-reduce).
 
 This module sees gradient tensors and process groups only: ``reduce(named_grads, scale)`` averages
 them over the data-parallel group in place. Plugging it into a DeepSpeed engine (which has no hook
@@ -33,6 +35,7 @@ import torch
 
 from . import collectives as dd
 from .errors import CommHookError
+from .powersgd_ops import as_rows, orthogonalize, pack, scatter_back, views
 
 __all__ = [
     "COMM_HOOKS",
@@ -64,6 +67,8 @@ class PowerSGDConfig:
     """Added to column norms in Gram-Schmidt (guards all-zero columns)."""
     dtype: str = "fp32"
     """Wire type of P and Q: fp32, fp16 or bf16 (the paper sends 16 bits)."""
+    error_dtype: str = "auto"
+    """Storage of the residuals: 'auto' (bf16 when the engine trains in bf16/fp16, else fp32), fp32, fp16, bf16."""
     hierarchical: bool = False
     """Exact reduce within a node, PowerSGD only across nodes."""
     exact: bool = False
@@ -85,6 +90,7 @@ class PowerSGDConfig:
             "must be 'gram_schmidt' or 'householder'",
         )
         need(self.dtype in _DTYPES, "dtype", f"must be one of {sorted(_DTYPES)}")
+        need(self.error_dtype in ("auto", *_DTYPES), "error_dtype", f"must be 'auto' or one of {sorted(_DTYPES)}")
         need(self.epsilon >= 0, "epsilon", "must be >= 0")
 
     @classmethod
@@ -98,26 +104,14 @@ class PowerSGDConfig:
         return cls(**{k: v for k, v in section.items() if k != "type"})
 
 
-def _orthogonalize(mats: torch.Tensor, method: str, epsilon: float) -> None:
-    """Orthonormalise the columns of each (n, r) matrix of a (b, n, r) batch, in place."""
-    if method == "householder":
-        mats.copy_(torch.linalg.qr(mats.float()).Q.to(mats.dtype))
-        return
-    for i in range(mats.shape[2]):  # Gram-Schmidt, as PyTorch's hook does it
-        col = mats[:, :, i : i + 1]
-        col /= torch.norm(col, dim=1, keepdim=True) + epsilon
-        if i + 1 < mats.shape[2]:
-            rest = mats[:, :, i + 1 :]
-            rest -= torch.sum(col * rest, dim=1, keepdim=True) * col
-
-
 class PowerSGD:
     """Averages gradients across a process group, compressing weight matrices (see module doc).
 
     ``reduce(named_grads)`` takes (key, gradient) pairs and overwrites each gradient with the group
     average (exact for uncompressed tensors, rank-r for compressed ones). Keys identify parameters
     across steps (error feedback, Q). ``bytes_sent`` / ``bytes_plain`` count this rank's payload
-    per reduce against what a plain fp32 all-reduce of the same tensors would send.
+    per reduce against what a plain fp32 all-reduce of the same tensors would send;
+    ``bytes_by_kind`` splits ``bytes_sent`` into the plain fp32 part and P and Q.
     """
 
     def __init__(self, config: PowerSGDConfig, group=None, intra_group=None):
@@ -129,7 +123,8 @@ class PowerSGD:
         # drops them (one extra copy of the compressed matrices' residuals while a step runs);
         # otherwise residuals are updated in place and a non-finite step is an error.
         self.skips_non_finite = False
-        self.errors: dict[Any, torch.Tensor] = {}  # unscaled residuals (true-gradient units)
+        self.train_dtype = torch.float32  # the engine's precision (attach_comm_hook): error_dtype "auto"
+        self.errors: dict[Any, torch.Tensor] = {}  # unscaled residuals (true-gradient units), error_dtype
         self.qs: dict[Any, torch.Tensor] = {}
         self._pending_errors: dict[Any, torch.Tensor] = {}
         self._pending_qs: dict[Any, torch.Tensor] = {}
@@ -139,8 +134,16 @@ class PowerSGD:
         self.skipped = 0  # steps the engine skipped (fp16 overflow): nothing of them was kept
         self.bytes_sent = 0
         self.bytes_plain = 0
+        self.bytes_by_kind = {"plain": 0, "P": 0, "Q": 0}
         self.last_step_bytes = (0, 0)
         self._generator = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def error_dtype(self) -> torch.dtype:
+        """The residuals' storage dtype: ``error_dtype``, with "auto" resolved by ``train_dtype``."""
+        if self.config.error_dtype != "auto":
+            return _DTYPES[self.config.error_dtype]
+        return torch.float32 if self.train_dtype == torch.float32 else torch.bfloat16
 
     # -- state for checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -152,12 +155,15 @@ class PowerSGD:
             "generator": self._generator.get_state(),
             "bytes_sent": self.bytes_sent,
             "bytes_plain": self.bytes_plain,
+            "bytes_by_kind": dict(self.bytes_by_kind),
         }
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
-        """Restore :meth:`state_dict`; residuals and Q's go to ``device`` (the gradients' device)."""
+        """Restore :meth:`state_dict`; residuals and Q's go to ``device`` (the gradients' device).
+        Residuals are cast to :attr:`error_dtype` (a checkpoint with fp32 residuals loads into 16 bits)."""
         self.iter, self.bytes_sent, self.bytes_plain = state["iter"], state["bytes_sent"], state["bytes_plain"]
-        self.errors = {k: v.to(device) if device is not None else v for k, v in state["errors"].items()}
+        self.bytes_by_kind = dict(state.get("bytes_by_kind", {"plain": 0, "P": 0, "Q": 0}))
+        self.errors = {k: v.to(device=device, dtype=self.error_dtype) for k, v in state["errors"].items()}
         self.qs = {k: v.to(device) if device is not None else v for k, v in state["qs"].items()}
         self.skipped = state.get("skipped", 0)
         self._pending_errors, self._pending_qs = {}, {}
@@ -186,32 +192,32 @@ class PowerSGD:
         fp16 overflow) is not an error: it reaches the output, where the engine's overflow check
         skips the step, and :meth:`step` with ``skipped=True`` drops what this step computed."""
         self._scale = float(scale)
+        before = sum(self.bytes_by_kind.values())
         if self.intra_group is not None:
-            sent = self._reduce_hierarchical(named_grads)
+            self._reduce_hierarchical(named_grads)
         else:
-            sent = self._reduce_across(named_grads)
+            self._reduce_across(named_grads)
+        sent = sum(self.bytes_by_kind.values()) - before
         total = sum(g.numel() for _, g in named_grads) * 4  # a plain fp32 all-reduce's payload
         self.bytes_sent += sent
         self.bytes_plain += total
         self.last_step_bytes = (sent, total)
 
-    def _reduce_across(self, named_grads: list[tuple[Any, torch.Tensor]]) -> int:
-        """Average over ``self.group``, compressing what pays; returns the bytes this rank sent."""
+    def _reduce_across(self, named_grads: list[tuple[Any, torch.Tensor]]) -> None:
+        """Average over ``self.group``, compressing what pays; counts the bytes this rank sends."""
         cfg = self.config
         compress = not cfg.exact and self.iter >= cfg.start_iter
         plain = [g for _, g in named_grads if not (compress and self._compressible(g))]
         matrices = [(k, g) for k, g in named_grads if compress and self._compressible(g)]
-        sent = 0
         if plain:
             flat = torch.cat([g.reshape(-1).float() for g in plain])
             self._all_reduce_mean(flat, self.group)
-            _scatter_back(flat, plain)
-            sent += flat.numel() * 4
+            scatter_back(flat, plain)
+            self.bytes_by_kind["plain"] += flat.numel() * 4
         if matrices:
-            sent += self._powersgd(matrices)
-        return sent
+            self._powersgd(matrices)
 
-    def _reduce_hierarchical(self, named_grads: list[tuple[Any, torch.Tensor]]) -> int:
+    def _reduce_hierarchical(self, named_grads: list[tuple[Any, torch.Tensor]]) -> None:
         """The paper's layout: reduce-scatter inside the node, PowerSGD across nodes, all-gather.
 
         Local rank j owns row-shard j of every tensor: it receives the node's average of that
@@ -222,12 +228,12 @@ class PowerSGD:
         local = dd.world_size(self.intra_group)
         me = dd.rank(self.intra_group)
         # shards[t][j]: rows of tensor t that local rank j owns (1-D tensors split as vectors)
-        shards = [_as_rows(g).tensor_split(local) for _, g in named_grads]
+        shards = [as_rows(g).tensor_split(local) for _, g in named_grads]
         sizes = [sum(s[j].numel() for s in shards) for j in range(local)]
         width = max(sizes)
         send = torch.zeros(local * width, dtype=torch.float32, device=named_grads[0][1].device)
         for j in range(local):
-            _pack([s[j] for s in shards], send[j * width : j * width + sizes[j]])
+            pack([s[j] for s in shards], send[j * width : j * width + sizes[j]])
         mine = torch.empty(width, dtype=torch.float32, device=send.device)
         dd.reduce_scatter(mine, send, self.intra_group)
         mine.mul_(1.0 / local)
@@ -235,8 +241,8 @@ class PowerSGD:
         for (key, _), s in zip(named_grads, shards, strict=True):
             views.append(((key, me), mine[offset : offset + s[me].numel()].view(s[me].shape)))
             offset += s[me].numel()
-        sent = self._reduce_across(views)  # writes the cross-node average into `mine`
-        gathered = torch.empty_like(send)
+        self._reduce_across(views)  # writes the cross-node average into `mine`
+        gathered = send  # the node's input is reduced: its buffer receives the gathered shards
         dd.all_gather_into(gathered, mine, self.intra_group)
         offsets = [j * width for j in range(local)]
         for (_, g), s in zip(named_grads, shards, strict=True):
@@ -245,68 +251,86 @@ class PowerSGD:
                 parts.append(gathered[offsets[j] : offsets[j] + s[j].numel()])
                 offsets[j] += s[j].numel()
             g.copy_(torch.cat(parts).view(g.shape))
-        return sent
 
-    def _powersgd(self, matrices: list[tuple[Any, torch.Tensor]]) -> int:
+    def _powersgd(self, matrices: list[tuple[Any, torch.Tensor]]) -> None:
+        """P and Q of every matrix go in one all-reduce each; everything of size n x m is made and
+        dropped one matrix at a time: M (fp32) three times over, then the approximation."""
         cfg = self.config
         wire = _DTYPES[cfg.dtype]
-        world = dd.world_size(self.group)
-        scale = self._scale
+        device = matrices[0][1].device
         by_shape: dict[tuple, list[tuple[Any, torch.Tensor]]] = defaultdict(list)
         for key, g in matrices:
             by_shape[(g.shape[0], g[0].numel())].append((key, g))
-        batches = []  # (keys, grads, M (b, n, m) fp32, input copy for error feedback, Q (b, m, r))
-        for (n, m), items in by_shape.items():
-            keys, grads = [k for k, _ in items], [g for _, g in items]
-            # M in the gradients' (loss-scaled) units, so 16-bit P/Q keep the range the loss scale
-            # gives them; residuals are kept unscaled and brought to this step's scale.
-            M = torch.stack([g.reshape(n, m).float() for g in grads])
-            if cfg.error_feedback:
-                M += torch.stack([self._error(k, (n, m), M.device) for k in keys]) * scale
-            r = self._rank(n, m)
+        sizes = [(len(items), n, m, self._rank(n, m)) for (n, m), items in by_shape.items()]
+        p_flat = torch.empty(sum(b * n * r for b, n, _, r in sizes), device=device)
+        q_flat = torch.empty(sum(b * m * r for b, _, m, r in sizes), device=device)
+        ps = views(p_flat, [(b, n, r) for b, n, _, r in sizes])
+        qs = views(q_flat, [(b, m, r) for b, _, m, r in sizes])
+        groups = list(zip(by_shape.values(), ps, qs, strict=True))
+        for items, p, _ in groups:  # P = M Q, from this step's starting Q
+            keys, m, r = [k for k, _ in items], items[0][1][0].numel(), p.shape[2]
             fresh = [k for k in keys if k not in self.qs]
             for k in fresh:
-                self.qs[k] = torch.randn(m, r, generator=self._generator).to(M.device)
-            Q = torch.stack([self._pending_qs.get(k, self.qs[k]) for k in keys])
+                self.qs[k] = torch.randn(m, r, generator=self._generator).to(device)
+            q_in = torch.stack([self._pending_qs.get(k, self.qs[k]) for k in keys])
             if cfg.warm_start or fresh:
-                _orthogonalize(Q, cfg.orthogonalization, cfg.epsilon)
+                orthogonalize(q_in, cfg.orthogonalization, cfg.epsilon)
                 if not cfg.warm_start:  # the paper's variant: keep the orthogonalised initial Q
                     for i, k in enumerate(keys):
-                        self.qs[k] = Q[i].clone()
-            batches.append((keys, grads, M, M.clone() if cfg.error_feedback else None, Q))
-        # P = M Q for every matrix, one all-reduce for all of them.
-        ps = [torch.bmm(M, Q) for _, _, M, _, Q in batches]
-        p_flat = self._all_reduce_sum_wire(ps, wire)
-        sent = p_flat.numel() * wire.itemsize
-        ps = _split_like(p_flat, ps)  # non-finite P (an fp16 overflow) stays so through to the output
-        for p in ps:
-            _orthogonalize(p, cfg.orthogonalization, cfg.epsilon)
-        qs = [torch.bmm(M.transpose(1, 2), p) for (_, _, M, _, _), p in zip(batches, ps, strict=True)]
-        q_flat = self._all_reduce_sum_wire(qs, wire)
+                        self.qs[k] = q_in[i].clone()
+            for i, (k, g) in enumerate(items):
+                torch.mm(self._input(k, g), q_in[i], out=p[i])
+        self._all_reduce_sum_wire(p_flat, wire)  # non-finite P (an fp16 overflow) stays so to the output
+        for items, p, q in groups:  # Q = M^T P, with P orthogonalised
+            orthogonalize(p, cfg.orthogonalization, cfg.epsilon)
+            for i, (k, g) in enumerate(items):
+                torch.mm(self._input(k, g).T, p[i], out=q[i])
+        self._all_reduce_sum_wire(q_flat, wire)
         finite = torch.isfinite(p_flat).all() & torch.isfinite(q_flat).all()  # equal on every rank: reduced
         self._finite = finite if self._finite is None else self._finite & finite
-        qs = [q.mul_(1.0 / world) for q in _split_like(q_flat, qs)]
-        for (keys, grads, _, M_in, _), p, q in zip(batches, ps, qs, strict=True):
-            approx = torch.bmm(p, q.transpose(1, 2))  # (b, n, m)
-            for i, (k, g) in enumerate(zip(keys, grads, strict=True)):
+        q_flat.mul_(1.0 / dd.world_size(self.group))
+        for items, p, q in groups:  # the average ~= P Q^T; the residual M - P Q^T is kept
+            for i, (k, g) in enumerate(items):
+                approx = p[i] @ q[i].T
                 if cfg.error_feedback:
-                    staged = self._pending_errors if self.skips_non_finite else self.errors
-                    staged[k] = (M_in[i] - approx[i]) / scale
+                    self._keep_error(k, self._input(k, g).sub_(approx).div_(self._scale))
                 if cfg.warm_start:
                     self._pending_qs[k] = q[i].clone()
-                g.copy_(approx[i].reshape(g.shape))
-        return sent + q_flat.numel() * wire.itemsize  # P and Q travel in the wire dtype
+                g.copy_(approx.view(g.shape))
+        self.bytes_by_kind["P"] += p_flat.numel() * wire.itemsize  # P and Q travel in the wire dtype
+        self.bytes_by_kind["Q"] += q_flat.numel() * wire.itemsize
 
-    def _error(self, key, shape: tuple[int, int], device) -> torch.Tensor:
+    def _input(self, key, g: torch.Tensor) -> torch.Tensor:
+        """M = the gradient (loss-scaled, so 16-bit P/Q keep the range the loss scale gives them) plus
+        its unscaled residual brought to this step's scale: a new fp32 (n, m) tensor with error feedback."""
+        rows = g.reshape(g.shape[0], -1)
+        if not self.config.error_feedback:
+            return rows.float()
         error = self._pending_errors.get(key)  # an earlier reduce of this step (ZeRO-2 micro-batches)
         if error is None:
             error = self.errors.get(key)
-        return error if error is not None else torch.zeros(shape, device=device)
+        if error is None:
+            return rows.to(torch.float32, copy=True)
+        return torch.add(rows.float(), error, alpha=self._scale)
 
-    def _all_reduce_sum_wire(self, tensors: list[torch.Tensor], wire: torch.dtype) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(wire)  # may overflow to inf in fp16
-        dd.all_reduce(flat, group=self.group)
-        return flat.float()
+    def _keep_error(self, key, residual: torch.Tensor) -> None:
+        """Store ``residual`` (fp32, unscaled) as ``key``'s residual in :attr:`error_dtype`: staged
+        when the engine may still skip this step, else in place of the last one."""
+        store = self._pending_errors if self.skips_non_finite else self.errors
+        old = store.get(key)
+        if old is not None and old.dtype == self.error_dtype and old.shape == residual.shape:
+            old.copy_(residual)
+        else:
+            store[key] = residual.to(self.error_dtype)
+
+    def _all_reduce_sum_wire(self, flat: torch.Tensor, wire: torch.dtype) -> None:
+        """Sum ``flat`` (fp32) over the group in place, sent as ``wire`` (fp16 may overflow to inf)."""
+        if wire == flat.dtype:
+            dd.all_reduce(flat, group=self.group)
+            return
+        low = flat.to(wire)
+        dd.all_reduce(low, group=self.group)
+        flat.copy_(low)
 
     def step(self, skipped: bool = False) -> None:
         """Call once per optimizer step, after the engine's step (one host sync).
@@ -333,32 +357,6 @@ class PowerSGD:
         self.iter += 1
 
 
-def _as_rows(g: torch.Tensor) -> torch.Tensor:
-    return g.reshape(g.shape[0], -1) if g.ndim >= 2 else g.reshape(-1)
-
-
-def _pack(tensors: list[torch.Tensor], out: torch.Tensor) -> None:
-    offset = 0
-    for t in tensors:
-        out[offset : offset + t.numel()].copy_(t.reshape(-1))
-        offset += t.numel()
-
-
-def _scatter_back(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(flat[offset : offset + t.numel()].view_as(t).clone())
-        offset += t.numel()
-    return out
-
-
 # --- registry: "communication_hook" sections to hooks --------------------------------------------
 
 COMM_HOOKS: dict[str, Callable[..., Any]] = {}
@@ -369,12 +367,18 @@ def register_comm_hook(name: str, factory: Callable[..., Any]) -> None:
     COMM_HOOKS[name] = factory
 
 
-def _node_groups():
-    """(intra-node group, inter-node group) of this rank; nodes = the launcher's local worlds."""
-    world, rank = dd.world_size(), dd.rank()
+def _node_size() -> int:
+    """Ranks per node: the launcher's local world (LOCAL_SIZE, or torchrun's LOCAL_WORLD_SIZE)."""
+    world = dd.world_size()
     local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
     if world % local:
         raise CommHookError(f"hierarchical PowerSGD: world size {world} is not a multiple of the node size {local}")
+    return local
+
+
+def _node_groups(local: int):
+    """(intra-node group, inter-node group) of this rank, for nodes of ``local`` ranks."""
+    world, rank = dd.world_size(), dd.rank()
     intra = inter = None
     for node in range(world // local):  # every rank must create every group, in the same order
         g = dd.new_group(list(range(node * local, (node + 1) * local)))
@@ -389,10 +393,15 @@ def _node_groups():
 
 def _powersgd_factory(section: dict[str, Any]) -> PowerSGD:
     config = PowerSGDConfig.from_section(section)
-    if config.hierarchical:
-        intra, inter = _node_groups()
-        return PowerSGD(config, group=inter, intra_group=intra)
-    return PowerSGD(config)
+    if not config.hierarchical:
+        return PowerSGD(config)
+    local = _node_size()
+    if local == dd.world_size():  # one node: every cross-node group would hold one rank, nothing to save
+        if dd.rank() == 0:
+            print("[dalle-ds] hierarchical PowerSGD on one node: gradients are averaged exactly (no compression)")
+        return PowerSGD(dataclasses.replace(config, hierarchical=False, exact=True))
+    intra, inter = _node_groups(local)
+    return PowerSGD(config, group=inter, intra_group=intra)
 
 
 register_comm_hook("powersgd", _powersgd_factory)

@@ -76,7 +76,8 @@ def attach_comm_hook(engine, hook) -> None:
     ``reduce_scatter`` must be off, so every bucket passes ``gradient_reduction_w_predivide``). ZeRO 0:
     the engine's backward all-reduce is turned off and :func:`backward` calls the hook. ZeRO 3 is
     refused: it reduce-scatters partitioned gradients, with no per-matrix view to compress. The hook's
-    ``skips_non_finite`` is set when the engine skips overflowed steps (fp16).
+    ``skips_non_finite`` is set when the engine skips overflowed steps (fp16), its ``train_dtype`` to
+    the engine's precision (fp16 / bf16; fp32 otherwise).
     """
     stage = engine.zero_optimization_stage()
     if stage == 3:
@@ -85,6 +86,10 @@ def attach_comm_hook(engine, hook) -> None:
             "gradients has no per-matrix view to compress); use stage 0, 1 or 2"
         )
     hook.skips_non_finite = engine.fp16_enabled()  # DeepSpeed's fp16 optimizers skip overflowed steps
+    if engine.fp16_enabled():  # the precision the hook's error_dtype "auto" follows
+        hook.train_dtype = torch.float16
+    elif engine.bfloat16_enabled():
+        hook.train_dtype = torch.bfloat16
     if stage == 0:
         _internal(engine, "enable_backward_allreduce", "turning the engine's all-reduce off for the hook")
         engine.enable_backward_allreduce = False

@@ -251,11 +251,9 @@ def _deepspeed_estimate(e: EngineSettings, P: int, largest: int, layout: Layout)
 
 
 def _powersgd(shape, e: EngineSettings, psgd: PowerSGDConfig, layout: Layout):
+    """The PowerSGD hook's memory components, its collectives (replacing the engine's gradient
+    reduction) and notes: hierarchical mode on one node falls back to an exact all-reduce."""
     notes = []
-    local = layout.gpus_per_node if psgd.hierarchical else 1
     if psgd.hierarchical and layout.nodes == 1:
         notes.append("hierarchical PowerSGD on one node: every cross-node group has one rank, exact all-reduce")
-    memory = powersgd_memory(shape, e, psgd, layout)
-    collectives = powersgd_collectives(shape, e, psgd, layout)
-    del local
-    return memory, collectives, notes
+    return powersgd_memory(shape, e, psgd, layout), powersgd_collectives(shape, e, psgd, layout), notes

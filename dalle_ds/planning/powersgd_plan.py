@@ -17,7 +17,8 @@ _WIRE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def _error_bytes(psgd: PowerSGDConfig, e: EngineSettings) -> int:
-    dtype = getattr(psgd, "error_dtype", "fp32")
+    """Bytes per residual entry: ``error_dtype``; "auto" is bf16 under bf16/fp16, fp32 under fp32."""
+    dtype = psgd.error_dtype
     if dtype == "auto":
         dtype = "fp32" if e.precision == "fp32" else "bf16"
     return _WIRE[dtype]
@@ -51,18 +52,27 @@ def compressed_matrices(shape, psgd: PowerSGDConfig, layout: Layout) -> tuple[li
 
 def powersgd_memory(shape, e: EngineSettings, psgd: PowerSGDConfig, layout: Layout) -> dict[str, int]:
     """Bytes per rank: ``powersgd_state`` (error-feedback residuals in their dtype and the fp32 Q's,
-    kept across steps) and ``powersgd_in_flight`` (what one bucket's reduction holds at its peak)."""
-    if psgd.hierarchical and layout.nodes == 1:
+    kept across steps: exactly what the hook holds after a step) and ``powersgd_in_flight`` (one
+    bucket's reduction at its peak: the plain part's fp32 buffer, fp32 P and Q with their 16-bit wire
+    copies and starting Q's, and one matrix at a time: M and the approximation in fp32; under fp16
+    the step's staged residuals; in hierarchical mode the node's send/gather buffer, this rank's shard
+    and the gathered copy of the largest tensor). P, Q and staged residuals are counted for every
+    compressed matrix: an upper bound where a bucket holds some of them."""
+    if psgd.exact or psgd.hierarchical and layout.nodes == 1:
         return {"powersgd_state": 0, "powersgd_in_flight": 0}
     matrices, plain = compressed_matrices(shape, psgd, layout)
     residuals = sum(n * m for n, m, _ in matrices) * _error_bytes(psgd, e) if psgd.error_feedback else 0
     qs = sum(m * r for _, m, r in matrices) * 4
     bucket = min(e.reduce_bucket, shape.numel) if e.stage in (1, 2) else shape.numel
     largest = max((n * m for n, m, _ in matrices), default=0)
-    pq = sum((n + m) * r for n, m, r in matrices) * 4
-    in_flight = 2 * 4 * largest + pq + 4 * min(bucket, plain)  # fp32 M and approximation, P/Q, plain part
+    p, q = sum(n * r for n, _, r in matrices), sum(m * r for _, m, r in matrices)
+    pq = (p + q) * 4 + max(p, q) * _WIRE[psgd.dtype] * (psgd.dtype != "fp32") + q * 4
+    in_flight = 2 * 4 * largest + pq + 4 * min(bucket, plain)
+    if e.precision == "fp16":  # the engine may skip the step: residuals staged until it is known
+        in_flight += residuals
     if _hierarchical(psgd, layout):
-        in_flight += 2 * 4 * bucket + 4 * -(-bucket // layout.gpus_per_node)  # reduce-scatter in, gathered out
+        shard = -(-bucket // layout.gpus_per_node)
+        in_flight += 4 * layout.gpus_per_node * shard + 4 * shard + 4 * max(x.numel for x in shape.params)
     return {"powersgd_state": residuals + qs, "powersgd_in_flight": in_flight}
 
 
@@ -72,7 +82,7 @@ def powersgd_collectives(shape, e: EngineSettings, psgd: PowerSGDConfig, layout:
     ZeRO-2 reduces every micro batch; ZeRO 0 and 1 once per step."""
     calls = e.grad_accum if e.stage == 2 else 1
     P = shape.numel
-    if psgd.hierarchical and layout.nodes == 1 or psgd.exact:
+    if psgd.hierarchical and layout.nodes == 1 or psgd.exact:  # the hook's one-node fallback; exact mode
         return [Collective("all_reduce", "world", P * 4, calls, "exact all-reduce (PowerSGD hook)")]
     matrices, plain = compressed_matrices(shape, psgd, layout)
     wire = _WIRE[psgd.dtype]

@@ -3,6 +3,8 @@ check list, the no-CUDA exit, the configs and numbers it uses; the orchestration
 per check, a crash failing alone, the JSON report) through the CLI; and every kind of check's code
 at its --cpu-smoke size, in this process through the package (the train check through the launcher)."""
 
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ from dalle_ds import PRESETS, DalleConfig, get_preset
 from dalle_ds.checks import cli
 from dalle_ds.checks.checks import TRAIN_RUNS, all_checks
 from dalle_ds.checks.context import Ctx
-from dalle_ds.checks.throughput import model_flops, peak_bf16_flops
+from dalle_ds.checks.flops import PEAK_BF16, model_flops, peak_bf16_flops
 from dalle_ds.checks.worker import run_check
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -63,20 +65,69 @@ def test_train_runs_use_shipped_configs_that_match_their_names():
             assert (v.grid_size, v.codebook_size) == (d.image_grid, d.image_vocab_size), (dvae, preset)
 
 
-def test_peak_table_and_the_flops_formula():
+def test_peak_table_names_a_source_for_every_entry():
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H200") == 989e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("NVIDIA L4") == 121e12
     assert peak_bf16_flops("Tesla V100-SXM2-16GB") is None
-    config = get_preset("dalle-1.3b")
-    flops = model_flops(config, 2)
+    for pattern, peak, source in PEAK_BF16:
+        assert 1e14 < peak < 1e16, pattern
+        # A vendor document, and the figure it prints: the dense peak, or the sparse one that is twice it.
+        assert source.startswith("NVIDIA ") and ("datasheet" in source or "product brief" in source), pattern
+        assert "BF16" in source and ("sparsity" in source or "sparse" in source), pattern
+
+
+def test_flops_formula_parts_for_the_1_3b_model():
+    c = get_preset("dalle-1.3b")
+    flops = model_flops(c, 2)
     assert abs(flops["params"] - 1.285e9) < 0.01e9  # the README's count: a ~1B model
-    assert flops["dense"] == 6 * flops["params"] * 2 * 1280
+    # What is not a matmul weight: position, row and column embeddings, biases and layer norms.
+    d = c.d_model
+    per_layer = (3 * d + d + 4 * d + d) + 2 * 2 * d  # qkv, proj, fc, proj biases; two norms
+    positions = (c.text_len + 2 * c.image_grid) * d
+    assert flops["params"] - flops["matmul_params"] == positions + c.n_layers * per_layer + 2 * d
+    # The heads read only the positions that predict: less than 6 * (matmul params) * every token.
+    every_token = 6 * flops["matmul_params"] * 2 * c.seq_len
+    assert 0.9 * every_token < flops["matmul"] < every_token
     # Every layer's image queries see all 256 text keys: at least that many pairs per layer.
     assert all(pairs > 1024 * 256 for pairs in flops["pairs"].values())
-    assert flops["total"] == flops["dense"] + flops["attention"] and 0 < flops["attention"] < 0.1 * flops["dense"]
+    assert flops["total"] == flops["matmul"] + flops["attention"] and 0 < flops["attention"] < 0.1 * flops["matmul"]
+
+
+@pytest.mark.parametrize("math_sdpa", [False, True])
+def test_flops_formula_against_torch_flop_counter(math_sdpa):
+    """torch's FlopCounterMode over one forward + backward of dalle-tiny with dense attention counts
+    every matrix multiply. Its CPU SDPA kernel is not counted (attention adds nothing), its math
+    kernel is: two (n x n) bmm's forward, four backward per layer, whatever the mask, i.e.
+    12 * d * B * n**2 per layer against the formula's 12 * d * B * allowed pairs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dalle_ds import DALLE
+
+    c = dataclasses.replace(get_preset("dalle-tiny"), attention_impl="dense")
+    B, n, d = 3, c.seq_len, c.d_model
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, c.text_vocab_size, (B, c.text_len), generator=g)
+    codes = torch.randint(0, c.image_vocab_size, (B, c.image_len), generator=g)
+    torch.manual_seed(0)
+    model = DALLE(c)
+    with sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext(), FlopCounterMode(display=False) as fc:
+        model(text, image_codes=codes).loss.backward()
+    flops = model_flops(c, B)
+    dense_attention = 12 * d * B * c.n_layers * n * n if math_sdpa else 0
+    assert fc.get_total_flops() == flops["matmul"] + dense_attention
+    # The allowed pairs, counted from the masks' definitions (docs/design.md, "Attention masks").
+    T, W, N = c.text_len, c.image_grid, c.image_len
+    causal_text = T * (T + 1) // 2
+    assert flops["pairs"]["row"] == causal_text + sum(T + min(p, W) + 1 for p in range(N))
+    assert flops["pairs"]["column"] == causal_text + sum(T + p // W + 1 for p in range(N))
+    h = c.conv_kernel // 2  # rows r - h .. r - 1 over columns c - h .. c + h, own row c - h .. c; clipped
+    conv = sum(T + min(r, h) * (min(W - 1, col + h) - max(0, col - h) + 1) + col - max(0, col - h) + 1
+               for r in range(W) for col in range(W))  # fmt: skip
+    assert flops["pairs"]["conv"] == causal_text + conv
 
 
 def test_each_check_runs_in_its_own_process_and_a_crash_fails_alone(tmp_path):
@@ -150,13 +201,26 @@ def test_smoke_sampling_check(smoke):
     assert sampling["fid_small_extractor"] == sampling["fid_small_extractor"]  # a number, not NaN
 
 
-def test_smoke_throughput_check(smoke):
-    throughput = smoke("throughput/dalle-tiny")
+def test_smoke_throughput_check_runs_the_trainer(smoke, single_process_group):
+    throughput = smoke("throughput/dalle-tiny")  # DalleTrainer in this process, on the session's group
     assert throughput["mfu"] is None and throughput["peak_bf16_flops"] is None  # no peak for a CPU
-    config = get_preset("dalle-tiny")
-    assert throughput["tokens_per_step"] == throughput["micro_batch"] * config.seq_len
-    assert throughput["flops_per_step"] == model_flops(config, throughput["micro_batch"])["total"]
-    assert len(throughput["losses"]) == 2
+    assert throughput["ds_config"] == "ds_configs/cpu_zero2_fp32.json" and throughput["zero_stage"] == 2
+    config, micro = get_preset("dalle-tiny"), throughput["micro_batch"]
+    assert throughput["tokens_per_step"] == micro * config.seq_len and throughput["tokens_per_s"] > 0
+    flops = model_flops(config, micro)
+    assert throughput["flops_matmul_per_step"] == flops["matmul"] > 0
+    assert throughput["flops_attention_per_step"] == flops["attention"] > 0
+    assert throughput["flops_per_step"] == flops["matmul"] + flops["attention"]
+    achieved = flops["total"] / (throughput["step_ms"] / 1e3) / 1e12
+    assert throughput["achieved_tflops"] == pytest.approx(achieved, abs=1e-3)  # both rounded in the report
+    # The trainer's own records: one after the warm-up interval, then the timed ones.
+    rows = [json.loads(line) for line in open(throughput["metrics"])]
+    assert [r["step"] for r in rows] == [2, 4, 6] and len(throughput["losses"]) == 3
+    assert throughput["tokens_per_s"] > 0 and throughput["timed_steps"] == 4
+    # The dry run of the same run (micro batch, config, dVAE) is reported; no GPU, no measured peak.
+    assert throughput["predicted_total_bytes"] == sum(throughput["predicted_components"].values())
+    assert throughput["predicted_components"]["optimizer_states"] == 8 * throughput["params"]  # fp32 Adam, 1 rank
+    assert throughput["peak_memory_bytes"] is None and throughput["memory_measured_over_predicted"] is None
 
 
 def test_the_cli_is_thin_and_its_modules_small():

@@ -25,9 +25,10 @@ LAYERS = {
     "inference": {"utils", "models", "data"},
     "training": {"utils", "models", "data", "distributed", "inference"},
     # On top, as scripts/ is: the benchmarks' logic and the GPU acceptance check use every layer below;
-    # no layer imports them (nor each other).
+    # no layer imports them, nor each other, except the GPU check's throughput step, which runs the dry
+    # run for its micro batch and compares the measured peak memory with it.
     "bench": {"utils", "models", "data", "distributed", "inference", "training"},
-    "checks": {"utils", "models", "data", "distributed", "inference", "training"},
+    "checks": {"utils", "models", "data", "distributed", "inference", "training", "planning"},
     # The dry run reads models, configs and the hook's rules; the GPU check may print a plan.
     "planning": {"utils", "models", "data", "distributed", "inference", "training"},
 }

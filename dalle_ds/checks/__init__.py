@@ -7,7 +7,9 @@ concern per module:
 - ``context``: what a check worker gets (``Ctx``) and how it fails (``CheckFailed``);
 - ``training_checks``, ``kernel_checks``, ``sampling_checks``, ``throughput``: the workers (train runs
   under the launcher; block-sparse attention and KV-cache sampling; a saved pipeline sampled the ways
-  users sample it; tokens/s and MFU);
+  users sample it; the DALL-E trainer's tokens/s, MFU and peak memory against the dry run);
+- ``flops``: the model FLOPs of a training step and the GPUs' peak bf16 FLOP/s (MFU's two sides);
+- ``fixed_batch_trainer``: the DALL-E trainer on one in-process batch of codes (the throughput run);
 - ``worker``: one check in its own process, its result JSON;
 - ``report``: the PASS/FAIL records and the JSON report;
 - ``runner``: the orchestrating process (device probe, one worker process per check).

@@ -86,9 +86,10 @@ def all_checks(smoke: bool = False) -> list[Check]:
             Check(
                 "throughput/dalle-tiny",
                 "throughput",
-                120,
-                "dalle-tiny bf16 training steps (autocast + AdamW) on the CPU: the throughput code path",
-                {"preset": "dalle-tiny"},
+                240,
+                "the DALL-E trainer (ds_configs/cpu_zero2_fp32.json, dalle-tiny) on the CPU: tokens/s, FLOPs, "
+                "the dry run's memory",
+                {"preset": "dalle-tiny", "dvae": "dvae-tiny"},
             )
         )
     else:
@@ -97,8 +98,9 @@ def all_checks(smoke: bool = False) -> list[Check]:
                 "throughput/dalle-1.3b",
                 "throughput",
                 480,
-                "dalle-1.3b bf16 training steps (autocast + fused AdamW): tokens/s and MFU",
-                {"preset": "dalle-1.3b"},
+                "the DALL-E trainer (ds_configs/zero2_bf16.json, dalle-1.3b, micro batch from the dry run): "
+                "tokens/s, MFU, peak memory vs the dry run",
+                {"preset": "dalle-1.3b", "dvae": "dvae-paper"},
             )
         )
     return checks

@@ -30,8 +30,11 @@ sampling/pipeline
     samples valid codes; accelerate with blocks on GPU 0, the CPU and disk samples the same tokens;
     FID (small extractor) is computed on the device.
 throughput/dalle-1.3b
-    bf16 training steps (autocast, fused AdamW, torch only) of ``dalle-1.3b``: tokens/s and model
-    FLOPs utilisation against the GPU's peak dense bf16 FLOP/s (``PEAK_BF16`` in ``dalle_ds/checks/throughput.py``).
+    The DALL-E trainer (``DalleTrainer`` through DeepSpeed, ``ds_configs/zero2_bf16.json``, one rank)
+    on ``dalle-1.3b`` with in-process synthetic codes, the micro batch the largest the dry run fits:
+    its own tokens/s, ms/step, achieved TFLOP/s and model FLOPs utilisation (matmul + attention
+    FLOPs, ``dalle_ds/checks/flops.py``) against the GPU's peak dense bf16 FLOP/s (``PEAK_BF16``), and
+    the peak GPU memory against the dry run's prediction.
 
 Prints PASS/FAIL per check and a summary, writes a JSON report (``--out``) and exits 1 if any
 check failed, 2 if there is no CUDA device. Work files (logs, runs, a fresh TORCH_EXTENSIONS_DIR)

@@ -1,208 +1,180 @@
-"""throughput/<preset>: bf16 training steps (torch only) of a preset, tokens/s and model FLOPs
-utilisation against the GPU's peak; the peak table and the FLOPs formula it uses (importable on the
-CPU; tests/test_gpu_check.py)."""
+"""throughput/<preset>: the DALL-E trainer itself (``DalleTrainer`` on a run config, through DeepSpeed, one
+rank in this process) for a few warm-up and timed steps of a preset on synthetic codes made in-process.
+Reports the trainer's own tokens/s (its metrics.jsonl), ms/step, achieved TFLOP/s and model FLOPs
+utilisation against the GPU's peak (:mod:`.flops`), and the peak GPU memory next to what the dry run
+(:func:`dalle_ds.planning.plan.plan_run`) predicts for the same run, which also chooses the micro batch."""
 
 from __future__ import annotations
 
-import re
-import time
+import json
+import os
+import shutil
+import statistics
 
+from . import ROOT
 from .context import CheckFailed, Ctx, finite
+from .flops import FLOPS_FORMULA, model_flops, peak_bf16
 
-__all__ = [
-    "FLOPS_FORMULA",
-    "PEAK_BF16",
-    "THROUGHPUT_LAYOUTS",
-    "measure_training",
-    "model_flops",
-    "peak_bf16_flops",
-    "worker_throughput",
-]
+__all__ = ["GPU_RUN", "MEMORY_SHARE", "SMOKE_RUN", "choose_micro_batch", "worker_throughput"]
 
-# Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' datasheets, matched in order
-# against torch.cuda.get_device_name().
-PEAK_BF16: list[tuple[str, float]] = [
-    (r"GH200", 989e12),
-    (r"H200 NVL", 835e12),
-    (r"H200", 989e12),
-    (r"H100 NVL", 835e12),
-    (r"H100 PCIe", 756e12),
-    (r"H100|H800", 989e12),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
-    (r"GB200", 2500e12),
-    (r"B200", 2250e12),
-    (r"A100|A800", 312e12),
-    (r"L40S", 362e12),
-    (r"L40\b", 181e12),
-    (r"\bL4\b", 121e12),
-    (r"\bA10\b", 125e12),
-]
+# (ds_configs/<name>.json, steps per metrics record (--log-every), timed records after the warm-up
+# record, micro batches the dry run picks from, largest first). The trainer reads its device values
+# to the host only at a record and times each record's interval: the first interval is the warm-up,
+# the others are timed. On a GPU: bf16 ZeRO-2 with activation checkpointing, as a one-GPU training
+# run uses it; the largest candidate bounds the check's time (dalle-1.3b at 16: 33.8 GiB predicted).
+GPU_RUN = ("zero2_bf16", 3, 2, (16, 8, 4, 2, 1))
+SMOKE_RUN = ("cpu_zero2_fp32", 2, 2, (2,))  # --cpu-smoke: fp32 (bf16 is 3-10x slower on AVX2 CPUs)
+MEMORY_SHARE = 0.85  # the dry run's total must fit in this share of the device's memory
 
 
-def peak_bf16_flops(device_name: str) -> float | None:
-    for pattern, peak in PEAK_BF16:
-        if re.search(pattern, device_name):
-            return peak
-    return None
+def choose_micro_batch(config, ds_config: dict, candidates, memory: int, *, preset: str, dvae, device_type: str):
+    """The first of ``candidates`` whose dry-run total (one rank, no accumulation, the frozen ``dvae``
+    on the device) fits in ``MEMORY_SHARE`` of ``memory`` bytes: (micro batch, its plan)."""
+    from dalle_ds.planning.layout import Layout
+    from dalle_ds.planning.plan import plan_run
 
-
-FLOPS_FORMULA = (
-    "model FLOPs per step = 6 * N * B * n + 12 * d_model * B * sum over layers of the allowed (query, key) "
-    "pairs of that layer's mask; N = all parameters (tied embeddings once), n = text_len + image_grid**2, "
-    "B = sequences per step; 2 FLOPs per multiply-add, backward = 2 x forward, recomputation not counted"
-)
-
-
-def model_flops(config, batch: int) -> dict:
-    """FLOPs of one training step (forward + backward) of ``batch`` full sequences (FLOPS_FORMULA)."""
-    import torch
-
-    from dalle_ds import DALLE, attention_mask, layer_schedule
-
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in DALLE(config).parameters())
-    pairs = {
-        kind: int(attention_mask(kind, config.text_len, config.image_grid, config.conv_kernel).sum())
-        for kind in set(layer_schedule(config.n_layers))
-    }
-    attn_pairs = sum(pairs[kind] for kind in layer_schedule(config.n_layers))
-    dense = 6 * n_params * batch * config.seq_len
-    attention = 12 * config.d_model * batch * attn_pairs
-    return {"params": n_params, "dense": dense, "attention": attention, "total": dense + attention, "pairs": pairs}
-
-
-THROUGHPUT_WARMUP, THROUGHPUT_STEPS = 3, 6
-# (micro batch, activation checkpointing) tried in order until one fits.
-THROUGHPUT_LAYOUTS = [(8, False), (4, False), (4, True), (1, True)]
-
-
-def measure_training(config, device: str, layouts, warmup: int, steps: int, say=print) -> dict:
-    """Seconds per bf16 training step (autocast, fp32 master weights, AdamW, clipping 4) of
-    ``config`` on full sequences, for the first (micro batch, activation checkpointing) layout
-    that fits in memory. Warm-up steps first; timed between synchronisations."""
-    import functools
-    import gc
-
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    from dalle_ds import DALLE
-
-    cuda = device == "cuda"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DALLE(config)
-    model.train()
-    kw = {"lr": 1e-4, "betas": (0.9, 0.96), "eps": 1e-8, "weight_decay": 0.045}
-    try:
-        opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(model.parameters(), **kw)
-    originals = [block.forward for block in model.blocks]
-
-    def run_block(forward, x, cache=None):
-        return checkpoint(forward, x, use_reentrant=False) if cache is None else forward(x, cache)
-
-    def step(text, codes):
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(text, image_codes=codes).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    g = torch.Generator().manual_seed(0)
     tried = []
-    for batch, ckpt in layouts:
-        for block, forward in zip(model.blocks, originals, strict=True):
-            block.forward = functools.partial(run_block, forward) if ckpt else forward
-        text = torch.randint(0, config.text_vocab_size, (batch, config.text_len), generator=g).to(device)
-        codes = torch.randint(0, config.image_vocab_size, (batch, config.image_len), generator=g).to(device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        oom = False
-        try:
-            for _ in range(warmup):
-                step(text, codes)
-            sync()
-            losses = []
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                losses.append(step(text, codes))
-            sync()
-            secs = (time.perf_counter() - t0) / steps
-        except torch.OutOfMemoryError:
-            oom = True
-        if not oom:
-            return {
-                "micro_batch": batch,
-                "activation_checkpointing": ckpt,
-                "tried": tried,
-                "step_s": secs,
-                "losses": [v.item() for v in losses],
-                "params": sum(q.numel() for q in model.parameters()),
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
-            }
-        # Outside the except block, so the traceback no longer holds the activations.
-        tried.append(f"micro batch {batch}{' + checkpointing' if ckpt else ''}: out of memory")
-        say("  " + tried[-1])
-        opt.zero_grad(set_to_none=True)
-        losses = text = codes = None
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-    raise CheckFailed("no micro batch fits: " + "; ".join(tried), {"tried": tried})
+    for micro in candidates:
+        plan = plan_run(config, ds_config, Layout(1, 1, memory, micro, 1), preset=preset, dvae=dvae,
+                        device_type=device_type)  # fmt: skip
+        if plan.total_bytes <= MEMORY_SHARE * memory:
+            return micro, plan
+        tried.append(f"micro batch {micro}: {plan.total_bytes / 2**30:.1f} GiB")
+    raise CheckFailed(
+        f"the dry run fits no micro batch in {MEMORY_SHARE:.0%} of {memory / 2**30:.1f} GiB: " + "; ".join(tried),
+        {"preset": preset, "tried": tried},
+    )
+
+
+def _device(ctx: Ctx) -> tuple[str, int]:
+    """(device name, memory in bytes): the GPU's, or on the CPU the host's."""
+    if ctx.device == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory
+    return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _train(cfg, cuda: bool) -> int | None:
+    """Run the trainer on ``cfg`` in a one-rank process group (created here unless one exists; the
+    worker process tears it down); the peak GPU memory of its steps (None on the CPU)."""
+    import torch
+
+    from dalle_ds.distributed import ds_adapter
+    from dalle_ds.distributed.process_group import backend_for
+    from dalle_ds.distributed.single_process import init_single_process_group
+
+    from .fixed_batch_trainer import FixedBatchTrainer
+
+    init_single_process_group(backend_for(*ds_adapter.accelerator()))
+    trainer = FixedBatchTrainer(cfg)
+    if cuda:  # the steps' peak: model states are allocated by now, activations and Adam states follow
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    trainer.run()
+    return torch.cuda.max_memory_allocated() if cuda else None
 
 
 def worker_throughput(ctx: Ctx, p: dict) -> tuple[str, dict]:
     import torch
 
-    from dalle_ds import get_preset
+    from dalle_ds import DiscreteVAE, get_preset, save_model
+    from dalle_ds.training import DalleRunConfig, parse_run_config
 
-    preset = p["preset"]
-    config = get_preset(preset)
-    if ctx.device == "cuda":
-        name = torch.cuda.get_device_name(0)
-        layouts, warmup, steps = THROUGHPUT_LAYOUTS, THROUGHPUT_WARMUP, THROUGHPUT_STEPS
-    else:  # --cpu-smoke: the same code on a tiny preset
-        name = "cpu"
-        layouts, warmup, steps = [(2, False), (2, True)], 1, 2
-    peak = peak_bf16_flops(name)
-    ctx.say(f"{preset} on {name}")
-    run = measure_training(config, ctx.device, layouts, warmup, steps, ctx.say)
-    secs, batch, ckpt = run["step_s"], run["micro_batch"], run["activation_checkpointing"]
-    flops = model_flops(config, batch)
-    tokens = batch * config.seq_len
+    preset, cuda = p["preset"], ctx.device == "cuda"
+    config, dvae = get_preset(preset), get_preset(p["dvae"])
+    ds_name, every, timed_records, candidates = GPU_RUN if cuda else SMOKE_RUN
+    steps = every * (1 + timed_records)
+    ds_path = ROOT / "ds_configs" / f"{ds_name}.json"
+    name, memory = _device(ctx)
+    micro, plan = choose_micro_batch(config, json.loads(ds_path.read_text()), candidates, memory, preset=preset,
+                                     dvae=dvae, device_type=ctx.device)  # fmt: skip
+    predicted = plan.total_bytes
+    # max_memory_allocated never sees the CUDA context, which the plan holds as an estimate.
+    predicted_allocated = predicted - plan.components["cuda_context"]
+    ctx.say(
+        f"{preset} on {name}: ds_configs/{ds_name}.json, micro batch {micro} (dry run: {predicted / 2**30:.1f} "
+        f"GiB of {memory / 2**30:.1f}), {every} warm-up + {steps - every} timed steps"
+    )
+
+    out = ctx.work / "runs" / f"throughput_{preset}"
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    dvae_dir = save_model(DiscreteVAE(dvae), out / "dvae_random")
+    args = ["--deepspeed_config", ds_path, "--preset", preset, "--dvae", dvae_dir, "--output-dir", out / "run",
+            "--steps", steps, "--log-every", every, "--micro-batch-size", micro, "--grad-accum", 1,
+            "--warmup-steps", 1, "--bpe-dropout", 0, "--no-progress"]  # fmt: skip
+    cfg = parse_run_config(DalleRunConfig, [str(a) for a in args])
+    try:
+        peak_mem = _train(cfg, cuda)
+    except torch.OutOfMemoryError as err:
+        raise CheckFailed(
+            f"micro batch {micro} ran out of GPU memory although the dry run predicted {predicted / 2**30:.1f} GiB "
+            f"of {memory / 2**30:.1f}: {err}",
+            {"preset": preset, "micro_batch": micro, "predicted_total_bytes": predicted},
+        ) from None
+
+    metrics = out / "run" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r.get("loss") for r in rows]  # at the logged steps
+    if len(rows) != 1 + timed_records or not finite(losses):
+        raise CheckFailed(
+            f"{metrics}: {len(rows)} records (expected {1 + timed_records}), losses {losses}",
+            {"preset": preset, "micro_batch": micro, "losses": losses},
+        )
+    timed = rows[1:]  # each record: tokens/s over the steps since the previous one
+    tokens = micro * config.seq_len
+    secs = statistics.mean(tokens / r["tokens_per_s"] for r in timed)  # equal intervals: mean step time
+    tokens_per_s = tokens / secs
+    flops = model_flops(config, micro)
     achieved = flops["total"] / secs
+    peak, source = peak_bf16(name)
     details = {
         "preset": preset,
         "device_name": name,
-        "precision": "bf16 autocast, fp32 master weights, AdamW (fused where available), grad clipping 4",
-        **run,
-        "step_s": round(secs, 4),
+        "ds_config": f"ds_configs/{ds_name}.json",
+        "precision": plan.engine.precision,
+        "zero_stage": plan.engine.stage,
+        "activation_checkpointing": plan.engine.checkpointing,
+        "micro_batch": micro,
+        "micro_batch_choice": f"largest of {list(candidates)} whose dry-run total fits in {MEMORY_SHARE:.0%} of "
+        f"{memory / 2**30:.1f} GiB",
+        "warmup_steps": every,
+        "timed_steps": every * len(timed),
+        "metrics": str(metrics),
+        "losses": losses,
         "tokens_per_step": tokens,
-        "tokens_per_s": round(tokens / secs, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_ms": round(secs * 1000, 2),
         "formula": FLOPS_FORMULA,
+        "params": flops["params"],
+        "matmul_params": flops["matmul_params"],
         "flops_per_step": flops["total"],
-        "flops_dense_per_step": flops["dense"],
+        "flops_matmul_per_step": flops["matmul"],
         "flops_attention_per_step": flops["attention"],
         "achieved_tflops": round(achieved / 1e12, 3),
         "peak_bf16_flops": peak,
+        "peak_source": source,
         "mfu": round(achieved / peak, 4) if peak else None,
+        "peak_memory_bytes": peak_mem,
+        "predicted_total_bytes": predicted,
+        "predicted_components": dict(plan.components),
+        "predicted_allocated_bytes": predicted_allocated,
+        "memory_measured_over_predicted": round(peak_mem / predicted_allocated, 3) if peak_mem else None,
     }
     mfu = f"MFU {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else "unknown peak: MFU skipped"
-    mem = f", peak mem {run['peak_memory_gib']} GiB" if run["peak_memory_gib"] is not None else ""
+    mem = (
+        f", peak mem {peak_mem / 2**30:.1f} GiB vs dry run {predicted_allocated / 2**30:.1f} GiB "
+        f"(x{details['memory_measured_over_predicted']})"
+        if peak_mem
+        else f", dry run {predicted / 2**30:.2f} GiB"
+    )
     details["summary"] = (
-        f"{run['params'] / 1e9:.3f}e9 params, micro batch {batch}{' + act. ckpt' if ckpt else ''}: "
-        f"{tokens / secs:,.0f} tokens/s, {secs * 1000:.0f} ms/step, {achieved / 1e12:.1f} TFLOP/s, {mfu}{mem}"
+        f"{flops['params']:,} params, {plan.engine.precision} ZeRO-{plan.engine.stage}, micro batch "
+        f"{micro}: {tokens_per_s:,.0f} tokens/s, {secs * 1000:.0f} ms/step, {achieved / 1e12:.1f} TFLOP/s, {mfu}{mem}"
     )
     ctx.say("  " + details["summary"])
     ctx.say("  " + FLOPS_FORMULA)
-    ctx.say(f"  per step: 6*N*B*n = {flops['dense']:.4e}, attention = {flops['attention']:.4e}")
-    if not finite(run["losses"]):
-        raise CheckFailed(f"non-finite training losses {run['losses']}", details)
+    ctx.say(f"  per step: matmul {flops['matmul']:.4e} + attention {flops['attention']:.4e} FLOPs")
     return "PASS", details

@@ -68,4 +68,7 @@ def run_worker(args) -> int:
     result = run_check(check, ctx)
     with atomic_path(result_path(work, check.name)) as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    from dalle_ds.distributed import collectives
+
+    collectives.destroy()  # the process group a check made (throughput), before the interpreter's exit
     return 0

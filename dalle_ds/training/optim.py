@@ -1,6 +1,6 @@
 """The paper's optimiser pieces: AdamW groups without decay on gains, biases and embeddings,
-cosine schedules, and the optimizer DeepSpeed steps (torch AdamW, or DeepSpeed's CPU Adam when
-ZeRO offloads optimizer states)."""
+cosine schedules, and the optimizer DeepSpeed steps (torch AdamW, fused on CUDA, or DeepSpeed's CPU
+Adam when ZeRO offloads optimizer states)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..distributed import ds_adapter
 from ..distributed.ds_config import optimizer_offloaded
 from .run_config import RunConfig
 
-__all__ = ["adamw", "adamw_and_schedule", "cosine", "lambda_lr", "lr_factor", "param_groups"]
+__all__ = ["adamw", "adamw_and_schedule", "cosine", "fused_adamw", "lambda_lr", "lr_factor", "param_groups"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -47,12 +47,23 @@ def lambda_lr(factor):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def fused_adamw(device_type: str, offloaded: bool) -> bool:
+    """Whether torch's AdamW should run its fused kernel (a few launches for all the tensors instead of
+    several per tensor): when the parameters live on CUDA, the engine's device (``device_type``), which
+    torch (>= 2.0, setup.py pins 2.13) supports. Optimizer states offloaded to the CPU, and every other
+    device, get the plain (foreach) AdamW."""
+    return device_type == "cuda" and not offloaded
+
+
 def adamw(params, ds_config: dict[str, Any], lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
     """AdamW; DeepSpeed's CPU Adam when the config offloads optimizer states to CPU (unless the
-    config sets ``zero_force_ds_cpu_optimizer: false``, which allows torch's AdamW there)."""
-    if optimizer_offloaded(ds_config) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+    config sets ``zero_force_ds_cpu_optimizer: false``, which allows torch's AdamW there); torch's
+    fused AdamW when DeepSpeed's accelerator is CUDA and the states stay there (:func:`fused_adamw`)."""
+    offloaded = optimizer_offloaded(ds_config)
+    if offloaded and ds_config.get("zero_force_ds_cpu_optimizer", True):
         return ds_adapter.cpu_adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    fused = fused_adamw(ds_adapter.accelerator()[0], offloaded)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
 
 
 def adamw_and_schedule(params, cfg: RunConfig, ds_config: dict[str, Any]):

@@ -23,7 +23,16 @@ from .dvae import DiscreteVAE
 from .kv_cache import BoundedKVCache, KVCache
 from .masks import layer_schedule
 
-__all__ = ["DALLE", "DalleOutput", "device_generator", "filter_logits", "null_text", "pad_text", "sample_logits"]
+__all__ = [
+    "DALLE",
+    "DalleOutput",
+    "check_token_ranges",
+    "device_generator",
+    "filter_logits",
+    "null_text",
+    "pad_text",
+    "sample_logits",
+]
 
 
 def pad_text(tokens: list[list[int]], config: DalleConfig) -> torch.Tensor:
@@ -42,6 +51,24 @@ def null_text(config: DalleConfig, n: int = 1) -> torch.Tensor:
     """(n, text_len) null captions (every position padding): the condition classifier-free
     guidance contrasts with, and what caption dropout trains on."""
     return pad_text([[]] * n, config)
+
+
+def check_token_ranges(
+    config: DalleConfig, text: torch.Tensor | None = None, image_codes: torch.Tensor | None = None
+) -> None:
+    """Raise ValueError naming an out-of-range value when ``text`` ids lie outside
+    ``[0, text_vocab_with_pad)`` or ``image_codes`` outside ``[0, image_vocab_size)``. Reads each
+    tensor's extremes (a host sync when it lives on a GPU)."""
+    ranges = (
+        (text, config.text_vocab_with_pad, "text ids", " (vocab + per-position pads)"),
+        (image_codes, config.image_vocab_size, "image codes", ""),
+    )
+    for tensor, end, what, note in ranges:
+        if tensor is None or not tensor.numel():
+            continue
+        low, high = torch.stack([tensor.min(), tensor.max()]).tolist()
+        if low < 0 or high >= end:
+            raise ValueError(f"{what} must lie in [0, {end}){note}, got {low if low < 0 else high}")
 
 
 class MLP(nn.Module):
@@ -279,8 +306,12 @@ class DALLE(nn.Module):
         image_codes: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         return_logits: bool = False,
+        check_inputs: bool = True,
     ) -> DalleOutput:
-        """text: (B, text_len) ids; image_codes: (B, grid, grid) or (B, grid**2); or images (B, 3, H, W)."""
+        """text: (B, text_len) ids; image_codes: (B, grid, grid) or (B, grid**2); or images (B, 3, H, W).
+
+        ``check_inputs`` checks the ids' ranges (:func:`check_token_ranges`: a host read, a sync on a
+        GPU); the trainer passes False and checks its batches on the host instead."""
         c = self.config
         if (image_codes is None) == (images is None):
             raise ValueError("pass exactly one of image_codes and images")
@@ -291,10 +322,8 @@ class DALLE(nn.Module):
         image_codes = image_codes.reshape(image_codes.shape[0], -1).long()
         if image_codes.shape[1] != c.image_len:
             raise ValueError(f"image_codes has {image_codes.shape[1]} tokens, expected image_grid**2={c.image_len}")
-        if text.min() < 0 or text.max() >= c.text_vocab_with_pad:
-            raise ValueError(f"text ids must lie in [0, {c.text_vocab_with_pad}) (vocab + per-position pads)")
-        if image_codes.min() < 0 or image_codes.max() >= c.image_vocab_size:
-            raise ValueError(f"image codes must lie in [0, {c.image_vocab_size})")
+        if check_inputs:
+            check_token_ranges(c, text, image_codes)
 
         h = self.hidden_states(text, image_codes)
         T = c.text_len

@@ -13,12 +13,13 @@ from ..distributed import collectives as dd
 from ..distributed import ds_adapter
 from ..inference.serialization import load_dvae
 from ..models.config import DalleConfig
-from ..models.dalle import DALLE
+from ..models.dalle import DALLE, check_token_ranges
 from ..utils.files import atomic_write_text
 from ..utils.seeding import derive_seed, numpy_rng
 from .errors import UsageError
 from .optim import adamw_and_schedule, param_groups
 from .trainer import Trainer
+from .transfer import to_device
 
 __all__ = ["DalleTrainer"]
 
@@ -152,6 +153,12 @@ class DalleTrainer(Trainer):
         save_grid(images, self.out / "images" / f"samples_{step:08d}.png", nrow=4)
         atomic_write_text(self.out / "images" / f"samples_{step:08d}.txt", "\n".join(captions) + "\n")
 
+    def check_batch(self, batch):
+        """A stream's ids and precomputed codes, checked on the host (the forward does not check them,
+        which would read device tensors back every micro batch); the synthetic set's captions are
+        tokenized in :meth:`compute_loss`, its codes made by the dVAE: valid by construction."""
+        check_token_ranges(self.config, batch.get("text"), batch.get("codes"))
+
     def compute_loss(self, batch):
         from ..data.text import drop_captions, encode_captions
 
@@ -161,15 +168,15 @@ class DalleTrainer(Trainer):
             dropout = self.cfg.text.bpe_dropout
             rng = numpy_rng(self.cfg.train.seed, BPE_DROPOUT, self.rank, self.micro_step) if dropout > 0 else None
             text = encode_captions(self.tokenizer, batch["caption"], self.config, bpe_dropout=dropout, rng=rng)
-        text = text.to(self.engine.device)
+        text = to_device(text, self.engine.device)
         dropped = 0
         caption_dropout = self.cfg.text.caption_dropout
         if caption_dropout > 0:  # a pure function of (seed, rank, micro step), like BPE dropout
             rng = numpy_rng(self.cfg.train.seed, CAPTION_DROPOUT, self.rank, self.micro_step)
             text, dropped = drop_captions(text, caption_dropout, rng, self.config)
         codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
-        out = self.engine(text, image_codes=codes)
-        metrics = {"loss": out.loss.item(), "text_loss": out.text_loss.item(), "image_loss": out.image_loss.item()}
+        out = self.engine(text, image_codes=codes, check_inputs=False)  # checked on the host (check_batch)
+        metrics = {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss}  # read when logged
         if caption_dropout > 0:  # rank 0's share of null captions this step
             metrics["null_caption_share"] = dropped / text.shape[0]
         return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len

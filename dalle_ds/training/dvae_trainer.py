@@ -14,7 +14,14 @@ from .errors import UsageError
 from .optim import adamw_and_schedule, cosine
 from .trainer import Trainer
 
-__all__ = ["DVAETrainer"]
+__all__ = ["DVAETrainer", "codebook_usage"]
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """The share of the codebook that ``codes`` use, as a 0-d tensor on their device (no host read:
+    ``unique`` and ``bincount`` would size their output from the data, a sync on a GPU)."""
+    used = torch.zeros(codebook_size, dtype=torch.bool, device=codes.device)
+    return used.index_fill_(0, codes.flatten(), True).sum() / codebook_size
 
 
 class DVAETrainer(Trainer):
@@ -67,19 +74,18 @@ class DVAETrainer(Trainer):
         recon = a.recon_loss
         if self.config.quantizer == "vq":
             out = self.engine(batch["image"], commitment=a.commitment, recon_loss=recon)
-            extra = {"commitment": out.commitment.item()}
+            extra = {"commitment": out.commitment}
         else:
             tau, beta = self.schedules()
             out = self.engine(batch["image"], temperature=tau, kl_weight=beta, recon_loss=recon)
-            extra = {"kl": out.kl.item(), "temperature": tau, "kl_weight": beta}
+            extra = {"kl": out.kl, "temperature": tau, "kl_weight": beta}
         codes = out.logits.argmax(1)
-        usage = codes.unique().numel() / self.config.codebook_size
-        metrics = {
-            "loss": out.loss.item(),
-            **({"recon_nll": out.recon_nll.item()} if recon == "logit_laplace" else {}),  # (log b untrained)
-            "mse": F.mse_loss(out.reconstruction, batch["image"].float()).item(),
+        metrics = {  # device tensors (read when logged) and host floats
+            "loss": out.loss,
+            **({"recon_nll": out.recon_nll} if recon == "logit_laplace" else {}),  # (log b untrained)
+            "mse": F.mse_loss(out.reconstruction.detach(), batch["image"].float()),
             **extra,
-            "codebook_usage": usage,
+            "codebook_usage": codebook_usage(codes, self.config.codebook_size),
         }
         return out.loss, metrics, codes.numel()
 

@@ -1,17 +1,29 @@
-"""Per-step training metrics: ``metrics.jsonl`` (rank 0), DeepSpeed's monitors, the progress bar."""
+"""Training metrics: ``metrics.jsonl`` (rank 0), DeepSpeed's monitors, the progress bar, and the
+device-side values behind them (losses, the non-finite counter), read to the host only at logged steps."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
 from ..utils.files import atomic_write_text
 
-__all__ = ["MetricsLog", "parameter_digest", "peak_rss_mb_all_ranks"]
+__all__ = [
+    "MetricsLog",
+    "NonFiniteRun",
+    "check_ranks_identical",
+    "parameter_digest",
+    "peak_rss_mb_all_ranks",
+    "read_to_host",
+    "sum_over_ranks",
+]
 
 
 class MetricsLog:
@@ -24,6 +36,7 @@ class MetricsLog:
         self.log_every = log_every
         self.total_steps = total_steps
         self.bar = None
+        self.start_interval()
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past ``step``: after a resume they belong to the run that died."""
@@ -37,13 +50,38 @@ class MetricsLog:
 
             self.bar = tqdm(total=self.total_steps, initial=initial, desc=desc, dynamic_ncols=True)
 
+    def start_interval(self) -> None:
+        """Start timing the steps up to the next record (their tokens go into ``interval_tokens``)."""
+        self.interval_start, self.interval_tokens = time.perf_counter(), 0
+
+    def host_record(self, record: dict[str, Any], world: int) -> dict[str, Any]:
+        """A logged step's record on the host, on every rank: its tensors read in one transfer (rounded to
+        6 digits), ``tokens_per_s`` of all ranks over the interval since the last record and the largest
+        rank's ``peak_rss_mb`` (collective)."""
+        values = read_to_host(record, ndigits=6)
+        now = time.perf_counter()  # after the read: the device has finished the interval's work
+        values["tokens_per_s"] = round(self.interval_tokens * world / (now - self.interval_start), 1)
+        self.interval_start, self.interval_tokens = now, 0
+        values["peak_rss_mb"] = peak_rss_mb_all_ranks()
+        return values
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a logged step (every ``log_every`` and the last): the only steps whose
+        device values are read to the host."""
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def advance(self) -> None:
+        """A step that is not logged: the bar moves, its values stay as the last logged step left them."""
+        if self.bar is not None:
+            self.bar.update(1)
+
     def write(self, engine, record: dict[str, Any]) -> None:
+        """A logged step's record (host values): a JSON line, the monitors and the bar (rank 0)."""
         if self.rank != 0:
             return
         step = record["step"]
-        if step % self.log_every == 0 or step == self.total_steps:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
         ds_adapter.write_monitor(engine, [(f"Train/{k}", v, step) for k, v in record.items() if isinstance(v, float)])
         if self.bar is not None:
             self.bar.update(1)
@@ -58,6 +96,36 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class NonFiniteRun:
+    """Consecutive optimizer steps whose loss was non-finite, counted on the loss's device (no host
+    read per step): ``run`` is the current run, ``longest`` the longest run since the last :meth:`read`."""
+
+    def __init__(self, device: torch.device | str, run: int = 0):
+        self.run = torch.tensor(float(run), device=device)
+        self.longest = self.run.clone()
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.run = torch.where(torch.isfinite(loss), 0.0, self.run + 1)
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def interval_done(self) -> None:
+        """``longest`` was read (at a logged step): the next interval's starts from the current run."""
+        self.longest = self.run.clone()
+
+
+def read_to_host(values: dict[str, Any], ndigits: int | None = None) -> dict[str, Any]:
+    """``values`` with every tensor (0-d, all on one device) replaced by its Python float (rounded to
+    ``ndigits`` when given), read in one transfer: one stacked ``tolist``, one host sync. Other values
+    pass through."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    if not keys:
+        return dict(values)
+    read = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
+    if ndigits is not None:
+        read = [round(v, ndigits) for v in read]
+    return {**values, **dict(zip(keys, read, strict=True))}
 
 
 def peak_rss_mb_all_ranks() -> float:
@@ -81,3 +149,23 @@ def parameter_digest(module, gather: bool) -> str:
     for b in module.buffers():
         digest.update(b.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_ranks_identical(module, gather: bool, path: Path) -> str:
+    """:func:`parameter_digest` of ``module`` written to ``path`` and compared across ranks (collective);
+    raises when ranks hold different parameters. Returns the digest."""
+    mine = parameter_digest(module, gather=gather)
+    every = dd.all_gather_object(mine)
+    atomic_write_text(path, mine + "\n")
+    if len(set(every)) != 1:
+        raise RuntimeError(f"ranks hold different parameters: {every}")
+    return mine
+
+
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Every rank's counters summed, keys sorted (collective: host objects, gathered)."""
+    total: dict[str, int] = {}
+    for rank_counts in dd.all_gather_object(counts):
+        for k, v in rank_counts.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))

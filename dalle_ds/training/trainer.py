@@ -6,10 +6,11 @@ trainer owns the model, the paper's optimiser and schedules, the data order, che
 
 :meth:`Trainer.run` reads top to bottom: set up (process group, config, model, engine, data,
 resume), then per optimizer step :meth:`Trainer.train_step` (micro batches, backward, step),
-:meth:`Trainer.after_update` (communication-hook bookkeeping, the subclass's hook), the metrics
-record, the non-finite guard and periodic checkpoints and images; then :meth:`Trainer.finish`
-(final checkpoint, export, sync check, data counts). Subclasses (``dvae_trainer``,
-``dalle_trainer``) supply the model, optimizer, data set and loss.
+:meth:`Trainer.after_update` (communication-hook bookkeeping, the subclass's hook), at logged steps
+:meth:`Trainer.log_step` (the metrics record, the non-finite guard), and periodic checkpoints and
+images; then :meth:`Trainer.finish` (final checkpoint, export, sync check, data counts). Losses and
+the non-finite counter stay on the device between logged steps: no host sync per micro batch.
+Subclasses (``dvae_trainer``, ``dalle_trainer``) supply the model, optimizer, data set and loss.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,10 @@ from .checkpointing import Checkpointer, export_checkpoint
 from .errors import TrainingStopped, UsageError
 from .faults import Faults
 from .grad_scaling import ResblockGradScaler, ResblockScalingConfig, install_resblock_scaling, skipping_step
-from .metrics import MetricsLog, parameter_digest, peak_rss_mb_all_ranks
+from .metrics import MetricsLog, NonFiniteRun, check_ranks_identical, sum_over_ranks
 from .run_args import resume_changes
 from .run_config import RunConfig
+from .transfer import batch_to_device
 
 __all__ = ["Trainer"]
 
@@ -62,7 +62,7 @@ class Trainer(abc.ABC):
         self.setup_data()
         torch.manual_seed(derive_seed(cfg.train.seed, NOISE, self.rank))  # per-rank noise streams
         self.step = 0
-        self.bad_steps = 0
+        self.non_finite = NonFiniteRun(self.engine.device)
         self.changed_settings: list[str] = []  # what a resume found changed since its checkpoint
         self.metrics = MetricsLog(self.out, self.rank, cfg.logging.log_every, cfg.train.steps)
         self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep)
@@ -180,8 +180,9 @@ class Trainer(abc.ABC):
     def image_size(self) -> int: ...
 
     @abc.abstractmethod
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
-        """(loss, metrics, tokens in the micro batch)."""
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], int]:
+        """(loss, metrics, tokens in the micro batch). Metrics are detached 0-d device tensors (read
+        at logged steps only) or host floats; the token count is known on the host (from shapes)."""
         ...
 
     def write_images(self, step: int) -> None:
@@ -213,27 +214,22 @@ class Trainer(abc.ABC):
         else:
             items = [self.dataset[i] for i in self.order.indices(micro_step)]
             batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
-        device = self.engine.device
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.check_batch(batch)
+        batch = batch_to_device(batch, self.engine.device)
         if "image" in batch:  # streams send uint8: converted here, on the device
             batch["image"] = as_float_image(batch["image"])
         if self.preview is None:
             self.preview = batch  # the first batch: what image grids show
         return batch
 
-    def data_counts(self) -> dict[str, int]:
-        """Bad-input and sample counters of the stream summed over ranks (collective)."""
-        total: dict[str, int] = {}
-        for counts in dd.all_gather_object(self.stream.counters()):
-            for k, v in counts.items():
-                total[k] = total.get(k, 0) + v
-        return dict(sorted(total.items()))
+    def check_batch(self, batch: dict) -> None:
+        """Validate a batch on the host, before it moves to the device (raise on bad input)."""
 
     # --- checkpoints ---------------------------------------------------------------------
     def save(self) -> None:
         client = {
             "step": self.step,
-            "bad_steps": self.bad_steps,
+            "bad_steps": int(self.non_finite.run.item()),  # one host read per checkpoint
             "world_size": self.world,
             "model_config": self.config.to_dict(),
             "samples_seen": self.step * self.global_batch,
@@ -268,7 +264,8 @@ class Trainer(abc.ABC):
         self.changed_settings = resume_changes(client, self.cfg, self.raw_ds_config)
         for change in self.changed_settings:
             self.log(f"warning: --resume: setting changed since {tag}: {change}")
-        self.step, self.bad_steps = client["step"], client["bad_steps"]
+        self.step = client["step"]
+        self.non_finite = NonFiniteRun(self.engine.device, client["bad_steps"])
         if self.scaler is not None and "grad_scaling" in client:
             self.scaler.load_state_dict(client["grad_scaling"], device=self.engine.device)
         if self.comm_hook is not None and "comm_hook" in rank_state:  # residuals and Q's: on this rank's device
@@ -290,11 +287,7 @@ class Trainer(abc.ABC):
 
     def check_sync(self) -> str:
         """SHA-256 of all trainable parameters (gathered under ZeRO-3) and buffers, compared across ranks."""
-        mine = parameter_digest(self.engine.module, gather=self.zero3)
-        every = dd.all_gather_object(mine)
-        atomic_write_text(self.out / f"param_sha256_rank{self.rank}.txt", mine + "\n")
-        if len(set(every)) != 1:
-            raise RuntimeError(f"ranks hold different parameters: {every}")
+        mine = check_ranks_identical(self.engine.module, self.zero3, self.out / f"param_sha256_rank{self.rank}.txt")
         self.log(f"parameters identical on all {self.world} ranks (sha256 {mine[:16]})")
         return mine
 
@@ -309,10 +302,13 @@ class Trainer(abc.ABC):
             self.metrics.open_bar(self.model_kind, self.step)
         self.engine.train()
         save_every, image_every = cfg.checkpoint.save_every, cfg.logging.image_every
+        self.metrics.start_interval()
         while self.step < cfg.train.steps:
             record = self.train_step()
-            self.metrics.write(self.engine, record)
-            self.guard_non_finite(record["loss"])
+            if self.metrics.due(self.step):
+                self.log_step(record)
+            else:
+                self.metrics.advance()
             if save_every and self.step % save_every == 0 and self.step < cfg.train.steps:
                 self.save()
             if image_every and self.step % image_every == 0:
@@ -321,10 +317,9 @@ class Trainer(abc.ABC):
         self.finish()
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``accum`` micro batches; returns its metrics record."""
-        t0 = time.perf_counter()
-        totals: dict[str, float] = {}
-        tokens = 0
+        """One optimizer step over ``accum`` micro batches; returns its record, the micro batches'
+        mean metrics still on the device (:meth:`log_step` reads them)."""
+        totals: dict[str, torch.Tensor | float] = {}
         skipped_before = ds_adapter.skipped_steps(self.engine)
         scaler_skipped = False
         for m in range(self.accum):
@@ -335,31 +330,38 @@ class Trainer(abc.ABC):
                 scaler_skipped = self.scaler_step()
             else:
                 self.engine.step()
-            tokens += n_tok
+            self.metrics.interval_tokens += n_tok
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / self.accum
+                v = (v.detach().float() if torch.is_tensor(v) else v) / self.accum
+                totals[k] = totals[k] + v if k in totals else v
         self.step += 1
+        self.non_finite.update(totals["loss"])
         ds_skipped = ds_adapter.skipped_steps(self.engine) > skipped_before  # fp16 overflow: update not applied
         if ds_skipped:
             ds_adapter.after_skipped_step(self.engine)
-        comm = self.after_update(ds_skipped or scaler_skipped)
+        self.last_comm = self.after_update(ds_skipped or scaler_skipped)
         self.faults.after_step(self.step, self.rank)
-        elapsed = time.perf_counter() - t0
-        record = {
+        return {
             "step": self.step,
-            **{k: round(v, 6) for k, v in totals.items()},
+            **{k: v if torch.is_tensor(v) else round(v, 6) for k, v in totals.items()},
             "lr": self.scheduler.get_last_lr()[0] if self.scheduler else None,
             "loss_scale": ds_adapter.loss_scale(self.engine),
             "skipped": ds_skipped or scaler_skipped,
             "skipped_steps": ds_adapter.skipped_steps(self.engine) + (self.scaler.skipped if self.scaler else 0),
-            "tokens_per_s": round(tokens * self.world / elapsed, 1),
-            "peak_rss_mb": peak_rss_mb_all_ranks(),
         }
-        if comm is not None:  # this rank's gradient traffic this step vs a plain fp32 all-reduce
-            record.update(comm_bytes=comm[0], comm_bytes_plain=comm[1])
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """A logged step, on every rank: the record and the non-finite counter read to the host in one
+        transfer (:meth:`MetricsLog.host_record`), the record written (rank 0), the non-finite guard."""
+        values = self.metrics.host_record({**record, "longest_bad_run": self.non_finite.longest}, self.world)
+        longest_bad_run = int(values.pop("longest_bad_run"))
+        self.non_finite.interval_done()
+        if self.last_comm is not None:  # this rank's gradient traffic this step vs a plain fp32 all-reduce
+            values.update(comm_bytes=self.last_comm[0], comm_bytes_plain=self.last_comm[1])
         if self.scaler is not None:  # min / median / max block scale, updates and skipped updates
-            record.update(self.scaler.stats())
-        return record
+            values.update(self.scaler.stats())
+        self.metrics.write(self.engine, values)
+        self.guard_non_finite(values["loss"], longest_bad_run)
 
     def scaler_step(self) -> bool:
         """The accumulation boundary under per-resblock scaling: every rank learns whether any block's
@@ -387,19 +389,20 @@ class Trainer(abc.ABC):
         self.after_step()
         return comm
 
-    def guard_non_finite(self, loss: float) -> None:
-        """Stop (after saving) when the loss was non-finite for ``--max-bad-steps`` steps in a row."""
-        self.bad_steps = 0 if math.isfinite(loss) else self.bad_steps + 1
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
+    def guard_non_finite(self, loss: float, longest_bad_run: int) -> None:
+        """Stop (after saving) when the loss was non-finite for ``--max-bad-steps`` steps in a row.
+        The run is counted on the device and checked at logged steps: a run that reaches the limit
+        between two logged steps stops the training at the next one (``--log-every 1``: at once)."""
+        if longest_bad_run >= self.cfg.train.max_bad_steps:
             self.save()
             raise TrainingStopped(
-                f"loss was non-finite for {self.bad_steps} consecutive steps (last {loss}) at step "
+                f"loss was non-finite for {longest_bad_run} consecutive steps (last {loss}) at step "
                 f"{self.step}; stopped and saved {self.ckpt_dir}/step{self.step:08d}. Lower the learning "
                 f"rate or check the data, then --resume."
             )
 
     def finish(self) -> None:
-        """Final checkpoint, export, optional sync check, final images, data counts."""
+        """Final checkpoint, export, optional sync check, final images, the stream's counts over all ranks."""
         if self.checkpoints.latest_tag() != f"step{self.step:08d}":
             self.save()
         final = self.export()
@@ -407,9 +410,10 @@ class Trainer(abc.ABC):
             self.check_sync()
         self.write_images(self.step)
         if self.stream is not None:
-            counts = self.data_counts()
+            counts = sum_over_ranks(self.stream.counters())  # bad-input and sample counters (collective)
             if self.rank == 0:
                 atomic_write_text(self.out / "data_counts.json", json.dumps(counts, indent=1) + "\n")
             skipped = {k: v for k, v in counts.items() if k != "samples"}
             self.log(f"data: {counts.get('samples', 0)} samples used; skipped and counted: {skipped or 'none'}")
         self.log(f"done: {self.step} steps; weights in {final}")
+

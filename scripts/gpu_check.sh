@@ -2,8 +2,8 @@
 # One-GPU acceptance check (about 5 min on an H100/H200): both trainers through the deepspeed
 # launcher at ZeRO-2/3 in fp16 and bf16, block-sparse vs dense attention on CUDA, KV-cache
 # sampling, the DALL-E trainer's dalle-1.3b throughput, MFU and peak memory against the dry run.
-# PASS/FAIL per check, a JSON report
-# (--out, default outputs/gpu_check/report.json), exit 1 on any failure, 2 without a CUDA device.
+# PASS/FAIL per check, a JSON report (--out, default outputs/gpu_check/report.json), exit 1 on any
+# failure, 2 without a CUDA device.
 # Args go to scripts/gpu_check.py: --list, --only PREFIXES, --jobs N, --cpu-smoke.
 # shellcheck source=scripts/env.sh
 source "$(dirname "$0")/env.sh"

@@ -13,7 +13,7 @@ from dalle_ds.distributed.ds_config import prepare_ds_config
 
 CONFIG = "zero2_fp16_resblock_scaling"
 SHIPPED_HOOK = json.loads((ROOT / "ds_configs" / "zero2_fp16_powersgd.json").read_text())["communication_hook"]
-POWERSGD = {**SHIPPED_HOOK, "start_iter": 2, "min_compression_rate": 1.5}
+POWERSGD = {**SHIPPED_HOOK, "start_iter": 2, "min_compression_rate": 1.5, "hierarchical": False}  # flat on 1 node
 M = 1  # scale_with_ranks off (the default): the same scales on any number of ranks
 GROWTH = 2.0 ** (1 / 1000)
 

@@ -20,6 +20,7 @@ class FixedBatchTrainer(DalleTrainer):
         g = torch.Generator().manual_seed(self.cfg.train.seed)
         text = torch.randint(0, c.text_vocab_size, (self.micro, c.text_len), generator=g)
         codes = torch.randint(0, c.image_vocab_size, (self.micro, c.image_len), generator=g)
+        self.check_batch({"text": text, "codes": codes})  # on the host, as the trainer checks every batch
         device = self.engine.device
         self.fixed_batch = {"text": text.to(device), "codes": codes.to(device)}
 

@@ -1,6 +1,7 @@
 """The PowerSGD benchmark (dalle_ds/bench/powersgd.py, scripts/bench_powersgd.py) at dalle-tiny's
 shapes: the paper's layout shards every tensor's rows, and the bytes it reports are P and Q in fp16
-for the matrices that compress and fp32 for the rest, against 4 bytes per entry uncompressed."""
+for the matrices that compress and fp32 for the rest, against 4 bytes per entry uncompressed; the
+memory bench divides by the parameters the dry run counts as compressed."""
 
 import torch
 
@@ -40,3 +41,19 @@ def test_row_shards_split_the_matrix_rows():
     assert [s.shape for s in shards] == [(2, 4), (2, 4), (1, 4), (1, 4)]
     assert torch.equal(torch.cat(shards), g.reshape(6, 4))
     assert torch.equal(row_shard(torch.arange(5.0), 2, 1), torch.tensor([3.0, 4.0]))
+
+
+def test_memory_bench_counts_the_parameters_the_planner_compresses():
+    from dalle_ds.bench.powersgd import final_loss, param_counts
+    from dalle_ds.distributed.powersgd import PowerSGDConfig
+    from dalle_ds.planning.layout import Layout
+    from dalle_ds.planning.model_shape import model_shape
+    from dalle_ds.planning.powersgd_plan import compressed_matrices
+
+    config, hook = get_preset("dalle-tiny"), PowerSGDConfig(rank=4, min_compression_rate=2)
+    total, compressed = param_counts(config, hook)
+    shape = model_shape(config)
+    layout = Layout(nodes=1, gpus_per_node=2, gpu_memory=2**30, micro_batch=1)
+    matrices, plain = compressed_matrices(shape, hook, layout)
+    assert total == shape.numel and compressed == sum(n * m for n, m, _ in matrices) == total - plain > 0
+    assert final_loss([{"loss": v} for v in (9.0, 1.0, 2.0, 3.0)], last=3) == 2.0

@@ -1,19 +1,57 @@
-"""PowerSGD at a preset's layer shapes: bytes per step and compression time against the backward pass
-(``scripts/bench_powersgd.py`` prints the table). The hook runs on real gradients of a few residual
-blocks in one process: what is timed is the compression math; bytes come from the hook's own
-counters, per GPU. Needs a process group (one rank is enough)."""
+"""PowerSGD benchmarks (``scripts/bench_powersgd.py`` prints the tables).
+
+- Bytes and time at a preset's layer shapes: the hook on real gradients of a few residual blocks in
+  one process (needs a process group, one rank is enough); the compression math is timed, bytes
+  come from the hook's own counters, per GPU.
+- Memory: the DALL-E trainer on 2 ranks (bf16, ZeRO-2) with the hook off and on, peak RSS per
+  compressed parameter (:func:`memory_runs`).
+- Convergence: final losses with fp32 and 16-bit residuals over seeds (:func:`final_loss`).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
 from dalle_ds.distributed.powersgd import PowerSGD, PowerSGDConfig
-from dalle_ds.models.dalle import Block
+from dalle_ds.models.dalle import DALLE, Block
 
-__all__ = ["block_grads", "measure_setting", "median_ms", "row_shard", "settings"]
+from .train import launch_command
+
+__all__ = [
+    "MEMORY_DS_CONFIG",
+    "block_grads",
+    "final_loss",
+    "measure_setting",
+    "median_ms",
+    "memory_runs",
+    "param_counts",
+    "row_shard",
+    "settings",
+    "train_rows",
+]
+
+# The memory runs' engine: bf16, ZeRO-2 with 5M-element buckets, the hook's bucket path on.
+MEMORY_DS_CONFIG = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "bf16": {"enabled": True},
+    "zero_optimization": {
+        "stage": 2,
+        "reduce_scatter": False,
+        "reduce_bucket_size": 5_000_000,
+        "allgather_bucket_size": 5_000_000,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+    },
+}
 
 
 def median_ms(fn, rounds: int) -> float:
@@ -82,3 +120,40 @@ def measure_setting(tensors, rank: int, rounds: int) -> dict:
         hook.reduce([(n, g.clone()) for n, g in tensors])
 
     return {"sent_mb": sent, "plain16_mb": full32 / 2, "plain32_mb": full32, "ms": median_ms(step, rounds)}
+
+
+def param_counts(config, hook_config: PowerSGDConfig) -> tuple[int, int]:
+    """(parameters of ``config``'s DALL-E, those the flat hook compresses), counted on the meta device."""
+    hook = PowerSGD(hook_config)
+    with torch.device("meta"):
+        params = list(DALLE(config).parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if hook._compressible(p))
+
+
+def train_rows(tmp: Path, name: str, ds_config: dict, train_script: Path, preset, dvae, steps: int, mbs: int, *extra):
+    """``metrics.jsonl`` rows of the DALL-E trainer on 2 CPU ranks under the deepspeed launcher
+    (``ds_config`` written to ``tmp/<name>.json``, output in ``tmp/<name>``, one thread per rank)."""
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(ds_config))
+    out = tmp / name
+    cmd = [*launch_command(train_script, path, preset, dvae, out, steps, mbs), *map(str, extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def memory_runs(tmp: Path, train_script: Path, preset, dvae, hooks: dict, steps: int, mbs: int) -> dict[str, float]:
+    """Largest peak RSS (MiB) of any rank per setting: ``hooks`` maps a name to a
+    ``communication_hook`` section, or None for DeepSpeed's own reduction."""
+    peaks = {}
+    for name, hook in hooks.items():
+        cfg = {**MEMORY_DS_CONFIG, **({"communication_hook": hook} if hook else {})}
+        rows = train_rows(tmp, name.replace(" ", "_"), cfg, train_script, preset, dvae, steps, mbs)
+        peaks[name] = max(r["peak_rss_mb"] for r in rows)
+    return peaks
+
+
+def final_loss(rows: list[dict], last: int = 5) -> float:
+    """Mean loss of the last ``last`` steps of a run's metrics rows."""
+    return statistics.fmean(r["loss"] for r in rows[-last:])

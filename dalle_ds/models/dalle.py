@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from .attention import SparseAttention
 from .config import DalleConfig
 from .dvae import DiscreteVAE
+from .init import no_weight_init
 from .kv_cache import BoundedKVCache, KVCache
 from .masks import layer_schedule
 
@@ -119,42 +121,64 @@ class DalleOutput(NamedTuple):
 
 
 class DALLE(nn.Module):
-    """DALL-E transformer. Pass ``dvae`` to train from raw images (it is frozen)."""
+    """DALL-E transformer. Pass ``dvae`` to train from raw images (it is frozen). Built under
+    :func:`.init.meta_modules` it has no weights until :func:`.init.materialise`; ``initialise=False``
+    leaves them unset for a caller that runs :meth:`init_weights` itself (ZeRO-3, gathered)."""
 
-    def __init__(self, config: DalleConfig, dvae: DiscreteVAE | None = None):
+    def __init__(self, config: DalleConfig, dvae: DiscreteVAE | None = None, initialise: bool = True):
         super().__init__()
         self.config = c = config
-        self.text_emb = nn.Embedding(c.text_vocab_with_pad, c.d_model)
-        self.text_pos = nn.Embedding(c.text_len, c.d_model)
-        self.image_emb = nn.Embedding(c.image_vocab_size, c.d_model)
-        self.image_row = nn.Embedding(c.image_grid, c.d_model)
-        self.image_col = nn.Embedding(c.image_grid, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, kind) for kind in layer_schedule(c.n_layers))
-        self.ln_f = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
-        if not c.tie_embeddings:
-            self.text_head = nn.Linear(c.d_model, c.text_vocab_with_pad, bias=False)
-            self.image_head = nn.Linear(c.d_model, c.image_vocab_size, bias=False)
-        self.init_weights()
+        with no_weight_init():  # no throwaway default inits: init_weights is the whole initialisation
+            self.text_emb = nn.Embedding(c.text_vocab_with_pad, c.d_model)
+            self.text_pos = nn.Embedding(c.text_len, c.d_model)
+            self.image_emb = nn.Embedding(c.image_vocab_size, c.d_model)
+            self.image_row = nn.Embedding(c.image_grid, c.d_model)
+            self.image_col = nn.Embedding(c.image_grid, c.d_model)
+            self.drop = nn.Dropout(c.dropout)
+            self.blocks = nn.ModuleList(Block(c, kind) for kind in layer_schedule(c.n_layers))
+            self.ln_f = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+            if not c.tie_embeddings:
+                self.text_head = nn.Linear(c.d_model, c.text_vocab_with_pad, bias=False)
+                self.image_head = nn.Linear(c.d_model, c.image_vocab_size, bias=False)
+        if initialise and not self.text_emb.weight.is_meta:
+            self.init_weights()
         self.dvae = None
         if dvae is not None:
             self.set_dvae(dvae)
 
-    def init_weights(self, gather=None) -> None:
-        """N(0, init_std) weights, zero biases; residual output projections (``*.proj``) get
-        std / sqrt(2 n_layers) (GPT-2). Modules are visited one at a time in a fixed order;
-        ``gather(params)`` is a context manager that makes their parameters whole and writable
-        (ZeRO-3 passes ``deepspeed.zero.GatheredParameters``), so results match unsharded init."""
+    @torch.no_grad()
+    def init_weights(self, around: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
+        """The model's whole initialisation: Linear/Embedding weights N(0, init_std), residual output
+        projections (``*.proj``) std / sqrt(2 n_layers) (GPT-2), LayerNorm gains 1, biases 0 (not the dVAE).
+        Modules go one at a time in registration order; values are drawn in fp32 on the CPU from the
+        global generator and copied in, so they depend on the seed alone, not on the parameters' device
+        or dtype. ``around(module)``: a context manager around each module's init (ZeRO-3 gathers its
+        partitioned parameters; :func:`.init.materialise` allocates a meta-built module on its device)."""
         std = self.config.init_std
+        scratch = torch.empty(0, device="cpu")  # CPU fp32 values of one tensor at a time, reused
+
+        def fill(param: torch.Tensor, initialiser, **kwargs) -> None:
+            nonlocal scratch
+            if param.device.type == "cpu" and param.dtype == torch.float32:
+                initialiser(param, **kwargs)  # drawn in place: the same values as through the scratch
+                return
+            if scratch.numel() < param.numel():
+                scratch = torch.empty(param.numel(), dtype=torch.float32, device="cpu")
+            param.copy_(initialiser(scratch[: param.numel()].view(param.shape), **kwargs))  # rounds like .to()
+
         for name, module in self.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Embedding)):
+            if name.split(".")[0] == "dvae" or next(module.parameters(recurse=False), None) is None:
                 continue
-            params = list(module.parameters(recurse=False))
-            with gather(params) if gather is not None else contextlib.nullcontext():
-                scale = math.sqrt(2 * self.config.n_layers) if name.endswith("proj") else 1.0
-                nn.init.normal_(module.weight, std=std / scale)
+            with around(module) if around is not None else contextlib.nullcontext():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    scale = math.sqrt(2 * self.config.n_layers) if name.endswith("proj") else 1.0
+                    fill(module.weight, nn.init.normal_, std=std / scale)
+                elif isinstance(module, nn.LayerNorm):
+                    fill(module.weight, nn.init.ones_)
+                else:
+                    raise TypeError(f"init_weights has no rule for {name} ({type(module).__name__})")
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    fill(module.bias, nn.init.zeros_)
 
     def set_dvae(self, dvae: DiscreteVAE) -> None:
         """Attach a frozen dVAE so ``forward`` accepts raw images."""

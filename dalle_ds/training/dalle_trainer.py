@@ -14,8 +14,10 @@ from ..distributed import ds_adapter
 from ..inference.serialization import load_dvae
 from ..models.config import DalleConfig
 from ..models.dalle import DALLE, check_token_ranges
+from ..models.init import materialise, meta_modules
 from ..utils.files import atomic_write_text
 from ..utils.seeding import derive_seed, numpy_rng
+from .construction import engine_placement
 from .errors import UsageError
 from .optim import adamw_and_schedule, param_groups
 from .trainer import Trainer
@@ -42,14 +44,18 @@ class DalleTrainer(Trainer):
         self.tokenizer = self._tokenizer()
         if self.zero3:
             with ds_adapter.zero3_init(self.ds_config):
-                model = DALLE(self.config)
-            # Init inside zero.Init ran on already-partitioned (empty) parameters: redo it, one
-            # module gathered at a time, so weights equal those of an unsharded run.
-            model.init_weights(gather=lambda params: ds_adapter.gathered(params, modifier_rank=0))
+                model = DALLE(self.config, initialise=False)
+            # zero.Init partitions each module as it is built: initialise one module gathered at a
+            # time, so the weights equal those of an unsharded run.
+            model.init_weights(
+                around=lambda module: ds_adapter.gathered(list(module.parameters(recurse=False)), modifier_rank=0)
+            )
             for param in model.external_parameters():  # tied unembeddings are read in DALLE.forward
                 ds_adapter.register_external_parameter(model, param)
-        else:
-            model = DALLE(self.config)
+        else:  # on the meta device, then module by module where and as the engine holds it
+            with meta_modules():
+                model = DALLE(self.config)
+            materialise(model, *engine_placement(self.ds_config))
         # The frozen dVAE stays outside the engine's module: DeepSpeed casts that module to its
         # fp16/bf16 dtype and would shard it under ZeRO-3. It encodes in fp32 on the engine's device
         # (on_engine), so codes do not depend on the training precision.

@@ -19,6 +19,10 @@ shards before it; it lists the current shard (tar headers / Parquet metadata), r
 shuffle on the list, and reads only the examples still to come (seeking to them). The resumed stream
 equals the uninterrupted one; the extra bytes read are at most one shard per worker. Bad input is
 skipped and counted (:data:`.config.REASONS`).
+
+Workers. One DataLoader serves the whole run with persistent workers: each epoch restarts their
+streams in place (the epoch number reaches them through a shared-memory tensor), so a worker process,
+its imports and its tokenizer live from the first batch to the last.
 """
 
 from __future__ import annotations
@@ -59,20 +63,22 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
-    """Batches of one (rank, worker) slot for one epoch; see the module docstring."""
+    """Batches of one (rank, worker) slot for one epoch, the epoch ``epoch[0]`` holds when an
+    iteration starts; see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world: int, workers: int, epoch: int, state):
+    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world: int, workers: int, epoch, start, state):
         super().__init__()
-        self.cfg, self.batch_size, self.epoch = cfg, batch_size, epoch
+        self.cfg, self.batch_size = cfg, batch_size
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
-        self.state = state  # slot -> position, counts and io at the last delivered batch
+        self.epoch = epoch  # shared-memory int64 (1,): set by the loader before each epoch's iteration
+        self.start, self.state = start, state  # slot -> position, counts and io saved in epoch `start`
         self.source = _Source(cfg)
 
-    def _items(self, slot: int, slots: int, start: tuple[int, int], io_counts: Counter):
+    def _items(self, epoch: int, slot: int, slots: int, start: tuple[int, int], io_counts: Counter):
         """(item, position after it) for this slot's shards from ``start`` = (shard, taken)."""
         n = self.source.num_shards
         order = list(range(n))
-        random.Random(derive_seed(self.cfg.seed, _SHARD_ORDER, self.epoch)).shuffle(order)
+        random.Random(derive_seed(self.cfg.seed, _SHARD_ORDER, epoch)).shuffle(order)
         mine = order[slot::slots] if n >= slots else order
         first, skip = start
         for pos in range(first, len(mine)):
@@ -87,7 +93,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 
             listing = pos == first and skip > 0  # resume inside this shard: list it, read what is left
             items = self.source.items(mine[pos], io_counts, None if listing else keep)
-            rng = random.Random(derive_seed(self.cfg.seed, _SHUFFLE, self.epoch, slot, pos))
+            rng = random.Random(derive_seed(self.cfg.seed, _SHUFFLE, epoch, slot, pos))
             stream = _shuffled((it for it in items if keep(it.index)), self.cfg.shuffle_buffer, rng)
             taken, nxt = 0, next(stream, None)
             while nxt is not None:
@@ -97,19 +103,23 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     continue
                 yield item, ((pos, taken) if nxt is not None else (pos + 1, 0))
 
-    def _batch(self, key: str, images: list, captions: list[str], slot: int, consumed: int, state: dict) -> dict:
-        batch = {key: torch.stack(images), "caption": captions, "slot": slot, "state": state}
+    def _batch(self, key: str, images: list, captions: list[str], where: tuple[int, int, int], state: dict) -> dict:
+        batch = {key: torch.stack(images), "caption": captions, "slot": where[1], "state": state}
         if self.cfg.caption_encoder is not None:  # tokenized here, in the worker, not on the training loop
             # As a numpy array: pickled inline with the batch (a few KiB), not one more shared-memory
             # handle for the main process to receive.
-            batch["text"] = self.cfg.caption_encoder(captions, (self.epoch, slot, consumed)).numpy()
+            batch["text"] = self.cfg.caption_encoder(captions, where).numpy()
         return batch
 
     def __iter__(self):
+        epoch = int(self.epoch[0])  # read now: a persistent worker makes the next epoch's iterator early
+        return self._stream(epoch, self.state if epoch == self.start else {})
+
+    def _stream(self, epoch: int, positions: dict):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         slot, slots = self.rank * self.workers + worker, self.world * self.workers
-        saved = self.state.get(slot, {})
+        saved = positions.get(slot, {})
         counts, io_counts = Counter(saved.get("counts", {})), Counter(saved.get("io", {}))
         consumed = saved.get("consumed", 0)
         if "shard" in saved:
@@ -124,12 +134,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             return {"consumed": consumed, "shard": position[0], "in_shard": position[1], "counts": dict(counts),
                     "io": dict(io_counts)}  # fmt: skip
 
-        for item, after in self._items(slot, slots, position, io_counts):
+        for item, after in self._items(epoch, slot, slots, position, io_counts):
             consumed, position = consumed + 1, after
             if consumed <= replay:
                 continue
             counts.update(item.extra)
-            aug.seed(derive_seed(self.cfg.seed, _AUGMENT, self.epoch, slot, consumed))  # a function of the position
+            aug.seed(derive_seed(self.cfg.seed, _AUGMENT, epoch, slot, consumed))  # a function of the position
             try:
                 image, caption = process(item.fields(self.cfg), self.cfg, key, "caption", aug)
             except BadSample as bad:
@@ -140,12 +150,12 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             images.append(image)
             captions.append(caption)
             if len(images) == self.batch_size:
-                yield self._batch(key, images, captions, slot, consumed, state())
+                yield self._batch(key, images, captions, (epoch, slot, consumed), state())
                 images, captions = [], []
         if images and self.cfg.drop_last:  # training: every batch has batch_size samples
             counts["dropped_tail_samples"] += len(images)
         elif images:
-            yield self._batch(key, images, captions, slot, consumed, state())
+            yield self._batch(key, images, captions, (epoch, slot, consumed), state())
         yield {"slot": slot, "state": state(), "end": True}
 
 
@@ -167,6 +177,10 @@ class StreamLoader:
     Batches are taken from the workers in a fixed rotation (a worker leaves it when it is done), not
     in whatever order the DataLoader returns them: after a resume the DataLoader starts again at
     worker 0, and the rotation puts the batches back in the uninterrupted run's order.
+
+    The worker processes persist across epochs (one DataLoader per loader, made again only by
+    ``load_state_dict``); when an epoch ends early (another rank ran dry) the batches its workers had
+    prefetched are discarded as the next epoch starts.
     """
 
     def __init__(
@@ -185,6 +199,8 @@ class StreamLoader:
         self.past = Counter()  # counts of finished epochs (and epoch-end drops)
         self.past_io = Counter()
         self.turn: list[int] | None = None  # slots still delivering this epoch, the next one first
+        self._loader: torch.utils.data.DataLoader | None = None  # made at the first epoch this loader opens
+        self._epoch_box: torch.Tensor | None = None  # the workers' view of self.epoch (shared memory)
         self._it = None
         self._stash: dict[int, list[dict]] = {}
 
@@ -200,7 +216,7 @@ class StreamLoader:
         self.past = Counter(state["past"])
         self.past_io = Counter(state.get("past_io", {}))
         self.turn = state.get("turn")
-        self._it = None
+        self._loader = self._it = None  # workers that knew the old positions exit
 
     def counters(self) -> dict[str, int]:
         total = Counter(self.past)
@@ -216,17 +232,20 @@ class StreamLoader:
 
     # -- iteration --------------------------------------------------------------------------
     def _open_epoch(self):
-        stream = _WorkerStream(
-            self.cfg, self.batch_size, self.rank, self.world, self.num_workers, self.epoch, dict(self.slots)
-        )
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False, collate_fn=_as_made
-        )
+        if self._loader is None:  # positions in self.slots belong to this epoch, the first one it opens
+            self._epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()
+            stream = _WorkerStream(self.cfg, self.batch_size, self.rank, self.world, self.num_workers,
+                                   self._epoch_box, self.epoch, dict(self.slots))  # fmt: skip
+            self._loader = torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                collate_fn=_as_made,
+            )  # fmt: skip
         if self.turn is None:
             workers = max(self.num_workers, 1)
             self.turn = [self.rank * workers + w for w in range(workers)]
         self._stash = {slot: [] for slot in self.turn}
-        return iter(loader)
+        self._epoch_box[0] = self.epoch  # before iter(): it restarts the workers' streams, which read it
+        return iter(self._loader)
 
     def _next_local(self) -> dict | None:
         """The next full batch from this rank's workers, or None when all of them are done."""
@@ -236,7 +255,8 @@ class StreamLoader:
                 item = next(self._it, None)
                 if item is None:
                     raise RuntimeError(f"data worker for slot {slot} stopped without its end marker")
-                self._stash[item["slot"]].append(item)
+                if item["slot"] in self._stash:  # else the repeated end marker of a worker that had
+                    self._stash[item["slot"]].append(item)  # finished before a resume: counted already
             item = self._stash[slot].pop(0)
             if item.get("end"):  # this worker is done: keep its final counts, drop it from the turn
                 self.slots[slot] = item["state"]
@@ -253,6 +273,7 @@ class StreamLoader:
         empty_epochs = 0
         while self.epochs is None or self.epoch < self.epochs:
             if self._it is None:
+                resumed = bool(self.slots)  # inside this epoch (from a checkpoint): it may have nothing left
                 self._it = self._open_epoch()
                 delivered = 0
             item = self._next_local()
@@ -271,15 +292,17 @@ class StreamLoader:
             if item is not None:  # another rank ran dry first: this batch waits for the next epoch
                 self.past["dropped_at_epoch_end"] += len(item["caption"])
             self._finish_epoch()
-            empty_epochs = empty_epochs + 1 if delivered == 0 else 0
+            if delivered or not resumed:
+                empty_epochs = 0 if delivered else empty_epochs + 1
             if empty_epochs >= 2 or (empty_epochs and self.epochs is not None):
                 raise RuntimeError(
                     f"data source {self.cfg.source!r} gave no complete batch of {self.batch_size} on rank "
                     f"{self.rank} for a whole epoch; bad-input counts: {self.counters()}"
                 )
+        self._loader = None  # the last epoch is done: its workers exit
 
     def _finish_epoch(self) -> None:
-        self._it = None  # drops the DataLoader: its workers exit
+        self._it = None  # the workers stay: the next iter() restarts their streams in the next epoch
         for saved in self.slots.values():
             self.past.update(saved["counts"])
             self.past_io.update(saved.get("io", {}))

@@ -125,7 +125,7 @@ def convergence_mode(args) -> None:
                 cfg = {**base, "communication_hook": {**hook, "error_dtype": dtype}}
                 run = ("dalle-tiny", dvae, args.steps, args.mbs, *extra, "--seed", seed)
                 loss[dtype] = final_loss(train_rows(tmp, f"s{seed}_{dtype}", cfg, TRAIN, *run))
-            print(f"| {seed} | {loss['fp32']:.4f} | {loss['bf16']:.4f} | {loss['bf16'] / loss['fp32'] - 1:+.2%} |")
+            print(f"| {seed} | {loss['fp32']:.5f} | {loss['bf16']:.5f} | {loss['bf16'] / loss['fp32'] - 1:+.3%} |")
 
 
 def main() -> None:

@@ -146,7 +146,7 @@ class PowerSGD:
         return torch.float32 if self.train_dtype == torch.float32 else torch.bfloat16
 
     # -- state for checkpoints --------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:  # the residuals themselves: later steps update them in place
         return {
             "iter": self.iter,
             "skipped": self.skipped,
@@ -163,7 +163,7 @@ class PowerSGD:
         Residuals are cast to :attr:`error_dtype` (a checkpoint with fp32 residuals loads into 16 bits)."""
         self.iter, self.bytes_sent, self.bytes_plain = state["iter"], state["bytes_sent"], state["bytes_plain"]
         self.bytes_by_kind = dict(state.get("bytes_by_kind", {"plain": 0, "P": 0, "Q": 0}))
-        self.errors = {k: v.to(device=device, dtype=self.error_dtype) for k, v in state["errors"].items()}
+        self.errors = {k: v.to(device=device, dtype=self.error_dtype, copy=True) for k, v in state["errors"].items()}
         self.qs = {k: v.to(device) if device is not None else v for k, v in state["qs"].items()}
         self.skipped = state.get("skipped", 0)
         self._pending_errors, self._pending_qs = {}, {}
@@ -309,9 +309,8 @@ class PowerSGD:
         error = self._pending_errors.get(key)  # an earlier reduce of this step (ZeRO-2 micro-batches)
         if error is None:
             error = self.errors.get(key)
-        if error is None:
-            return rows.to(torch.float32, copy=True)
-        return torch.add(rows.float(), error, alpha=self._scale)
+        M = rows.to(torch.float32, copy=True)
+        return M if error is None else M.add_(error, alpha=self._scale)
 
     def _keep_error(self, key, residual: torch.Tensor) -> None:
         """Store ``residual`` (fp32, unscaled) as ``key``'s residual in :attr:`error_dtype`: staged

@@ -71,13 +71,13 @@ class EngineSettings:
     global_batch: int
     reduce_bucket: int  # elements
     allgather_bucket: int  # elements
-    reduce_scatter: bool
     overlap_comm: bool
     offload_optimizer: bool
     offload_param: bool
     prefetch_bucket: int  # ZeRO-3, elements
     persistence_threshold: int  # ZeRO-3, elements
     max_live_parameters: int  # ZeRO-3, elements
+    max_reuse_distance: int  # ZeRO-3, elements
     checkpointing: bool
     cpu_checkpointing: bool
     comm_hook: dict[str, Any] | None
@@ -132,13 +132,13 @@ class EngineSettings:
             global_batch=ds["train_batch_size"],
             reduce_bucket=int(zero.get("reduce_bucket_size", 5e8)),
             allgather_bucket=int(zero.get("allgather_bucket_size", 5e8)),
-            reduce_scatter=bool(zero.get("reduce_scatter", True)),
             overlap_comm=bool(zero.get("overlap_comm", stage == 3)),
             offload_optimizer=off_opt,
             offload_param=off_param,
             prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", 5e7)),
             persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 1e5)),
             max_live_parameters=int(zero.get("stage3_max_live_parameters", 1e9)),
+            max_reuse_distance=int(zero.get("stage3_max_reuse_distance", 1e9)),
             checkpointing=ac is not None,
             cpu_checkpointing=bool((ac or {}).get("cpu_checkpointing", False)),
             comm_hook=hook or None,

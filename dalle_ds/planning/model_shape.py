@@ -10,11 +10,9 @@ ops save are not counted (they are weights, counted once elsewhere).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
 
 import torch
 
@@ -23,6 +21,7 @@ from ..models.config import DalleConfig, DVAEConfig
 from ..models.dalle import DALLE
 from ..models.dvae import DiscreteVAE
 from ..models.init import meta_modules
+from ..training.optim import param_groups
 
 __all__ = ["ActivationTrace", "ModelShape", "ParamInfo", "dvae_param_count", "model_shape", "trace_activations"]
 
@@ -42,6 +41,7 @@ class ParamInfo:
 class ModelShape:
     config: DalleConfig
     params: tuple[ParamInfo, ...]  # in ``named_parameters`` order (the order DeepSpeed buckets them in)
+    group_numels: tuple[int, ...]  # elements of each optimizer parameter group (the trainer's AdamW groups)
 
     @property
     def numel(self) -> int:
@@ -69,7 +69,8 @@ def model_shape(config: DalleConfig) -> ModelShape:
         for p_name, _ in module.named_parameters(recurse=False):
             owners[f"{mod_name}.{p_name}" if mod_name else p_name] = mod_name
     params = tuple(ParamInfo(n, tuple(p.shape), owners[n]) for n, p in model.named_parameters())
-    return ModelShape(config, params)
+    groups = tuple(sum(p.numel() for p in g["params"]) for g in param_groups(model, 0.0))
+    return ModelShape(config, params, groups)
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,22 +100,6 @@ class ActivationTrace:
         """Peak saved bytes with every block checkpointed: every block input, the embeddings and head,
         plus one block's full set while backward recomputes it."""
         return self.embeddings + sum(self.block_inputs) + self.head + max(self.blocks, default=0)
-
-
-@contextlib.contextmanager
-def _meta_branches() -> Iterator[None]:
-    """``bool()`` of a meta tensor is False inside the block. The forward's only data-dependent
-    branches are its input range checks, which meta inputs (no values) cannot fail."""
-    original = torch.Tensor.__bool__
-
-    def meta_bool(self):
-        return False if self.is_meta else original(self)
-
-    torch.Tensor.__bool__ = meta_bool
-    try:
-        yield
-    finally:
-        torch.Tensor.__bool__ = original
 
 
 @functools.lru_cache(maxsize=64)
@@ -154,8 +139,8 @@ def trace_activations(config: DalleConfig, micro_batch: int, dtype: torch.dtype,
     text = torch.zeros(micro_batch, config.text_len, dtype=torch.long, device="meta")
     codes = torch.zeros(micro_batch, config.image_len, dtype=torch.long, device="meta")
     try:
-        with _meta_branches(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(text, image_codes=codes, return_logits=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(text, image_codes=codes, return_logits=True, check_inputs=False)  # no values to check
     finally:
         for h in handles:
             h.remove()

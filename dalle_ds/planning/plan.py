@@ -20,11 +20,11 @@ from .model_shape import dvae_param_count, model_shape, trace_activations
 from .powersgd_plan import powersgd_collectives, powersgd_memory
 from .traffic import Collective, bytes_sent
 
-__all__ = ["CUDA_CONTEXT_BYTES", "HOST_BASE_BYTES", "RunPlan", "plan_run"]
+__all__ = ["CUDA_CONTEXT_BYTES", "HOST_BASE_BYTES", "Partitions", "RunPlan", "partitions", "plan_run"]
 
 CUDA_CONTEXT_BYTES = 1 << 30  # estimate: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers per GPU
 HOST_BASE_BYTES = 3 << 30  # estimate: a rank's Python, torch and CUDA libraries in host memory
-ESTIMATES = ("attention_temporaries", "cuda_context")
+ESTIMATES = ("attention_temporaries", "gathered_parameters", "cuda_context")
 
 
 @dataclasses.dataclass
@@ -83,68 +83,123 @@ class RunPlan:
         }
 
 
-def _model_states(e: EngineSettings, P: int, W: int) -> dict[str, int]:
+ALIGNMENT = 2  # DeepSpeed's nccl_start_alignment_factor: ZeRO 1/2 pad each flat group to a multiple of 2 x ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitions:
+    """How DeepSpeed 0.19.8 lays the parameters out over ``W`` ranks (elements).
+
+    ZeRO 1/2 flatten each optimizer parameter group into one buffer padded to a multiple of
+    ``2 W`` (``flatten_dense_tensors_aligned``) and give each rank an equal slice of every group.
+    ZeRO-3 partitions each parameter on its own (``ceil(numel / W)`` per rank) and keeps whole on
+    every rank the parameters of at most ``stage3_param_persistence_threshold`` elements."""
+
+    padded: int  # elements of the flat groups as communicated (W x a rank's partition)
+    shard: int  # a rank's partition, all groups
+    largest_group_shard: int  # a rank's partition of its largest group (ZeRO 1/2 step one group at a time)
+    persistent: int  # ZeRO-3: elements kept whole on every rank
+    persistent_padded: int  # ZeRO-3: those as all-gathered (W x their partitions)
+    gathered: int = 0  # ZeRO-3: elements all-gathered per micro batch for forward (W x partitions)
+    regathered: int = 0  # ZeRO-3: those gathered again for backward (released in between)
+
+
+def partitions(shape, e: EngineSettings, W: int) -> Partitions:
+    if e.stage == 3:
+        per_rank = [-(-p.numel // W) for p in shape.params]
+        kept = [(p.numel, -(-p.numel // W)) for p in shape.params if p.numel <= e.persistence_threshold]
+        shard = sum(per_rank)
+        # A parameter stays gathered from its forward to its backward when the elements used in
+        # between (those after it, forward and backward: its reuse distance) are within the limit.
+        gathered = regathered = 0
+        after = shape.numel
+        for p, n in zip(shape.params, per_rank, strict=True):
+            after -= p.numel
+            if p.numel <= e.persistence_threshold:
+                continue
+            gathered += W * n
+            if 2 * after > e.max_reuse_distance:
+                regathered += W * n
+        persistent = sum(n for n, _ in kept), W * sum(k for _, k in kept)
+        return Partitions(W * shard, shard, shard, *persistent, gathered, regathered)
+    align = ALIGNMENT * W if e.stage in (1, 2) else 1
+    padded = [-(-n // align) * align for n in shape.group_numels]
+    shards = [n // W for n in padded] if e.stage in (1, 2) else padded
+    return Partitions(sum(padded), sum(shards), max(shards), 0, 0)
+
+
+def _model_states(e: EngineSettings, part: Partitions, P: int) -> dict[str, int]:
     """Weights, gradients and Adam states one rank holds on the GPU (bytes), as DeepSpeed 0.19.8
-    allocates them for the stage and precision (exact for the flat buffers, padding aside)."""
+    allocates them for the stage and precision (tests compare each with a real engine's tensors).
+    ``weights_16bit`` is the working copy forward and backward read: 16-bit, or fp32 in an fp32 run
+    (ZeRO 1/2 keep it whole beside the fp32 master partition). ``gradients`` is the larger of two
+    phases: backward (unreduced gradients of up to one reduce bucket, the reduced partition) and the
+    step (fp32 gradients of the partition the optimizer reads, ZeRO 1/2 one group at a time)."""
     mixed = e.precision != "fp32"
-    shard = -(-P // W)  # a rank's partition (ZeRO pads partitions to equal sizes)
-    full16 = 2 * P if mixed else 0
+    g = e.param_bytes
+    shard, unreduced = part.shard, min(P, e.reduce_bucket)
     if e.stage == 0:
-        weights16, weights32 = full16, 4 * P
+        weights16, weights32 = (2 * P if mixed else 0), 4 * P
         grads = (2 * P + 4 * P) if mixed else 4 * P  # 16-bit .grad + the fp32 copy the optimizer steps
         opt = 8 * P
     elif e.stage in (1, 2):
-        weights16, weights32 = full16, 4 * shard
-        if e.stage == 1:  # full-size .grad until the accumulation boundary, then the fp32 partition
-            grads = (2 * P if mixed else 4 * P) + (4 * shard if mixed else 0)
-        else:  # the reduced gradients of this rank's partition (16-bit) and their fp32 copy
-            grads = (2 * shard + 4 * shard) if mixed else 4 * shard
-        opt = 8 * shard
+        weights16, weights32, opt = g * part.padded, 4 * shard, 8 * shard
+        backward = g * P if e.stage == 1 else g * unreduced + g * shard  # ZeRO-1 reduces at the boundary only
+        step = 0 if e.offload_optimizer else 4 * part.largest_group_shard
+        grads = max(backward, step)
     else:
-        weights16 = 2 * shard if mixed else 0
-        weights32 = 4 * shard
-        grads = (2 * shard + 4 * shard) if mixed else 4 * shard
-        opt = 8 * shard
+        weights16, weights32, opt = g * (shard + part.persistent), 4 * shard, 8 * shard
+        step = g * shard + (0 if e.offload_optimizer else 4 * shard)
+        grads = max(g * unreduced + g * shard, step)
     if e.offload_optimizer:  # fp32 master, its gradients and the moments live on the host
         weights32, opt = 0, 0
-        grads = 2 * shard if mixed and e.stage > 1 else grads - 4 * shard if e.stage == 1 and mixed else grads
     if e.offload_param:
         weights16 = 0
     return {"weights_16bit": weights16, "weights_fp32": weights32, "gradients": grads, "optimizer_states": opt}
 
 
-def _buckets(e: EngineSettings, P: int, largest_module: int) -> int:
-    """Communication staging buffers: ZeRO 1/2's reduce buckets (two with overlap_comm), ZeRO-3's
-    gathered parameters in flight (prefetch bucket, at least the largest module) and reduce bucket."""
+def _buckets(e: EngineSettings, P: int, largest_module: int) -> dict[str, int]:
+    """Communication staging buffers. ``comm_buckets``: the gradient reduce buffer DeepSpeed allocates
+    at its full ``reduce_bucket_size`` (elements, in the parameters' dtype) whatever the model's size,
+    two with ZeRO 1/2's ``overlap_comm``. ``gathered_parameters`` (ZeRO-3, an estimate): the whole
+    parameters in flight, at least the largest module plus the prefetch bucket."""
     if e.stage == 0:
-        return 0
-    grad_bytes = 2 if e.precision != "fp32" else 4
-    if e.stage in (1, 2):
-        n = min(e.reduce_bucket, P)
-        return n * grad_bytes * (2 if e.overlap_comm else 1)
-    gathered = min(P, max(e.prefetch_bucket, largest_module) + largest_module) * e.param_bytes
-    return gathered + min(e.reduce_bucket, P) * grad_bytes
+        return {"comm_buckets": 0}
+    buffers = 2 if e.overlap_comm and e.stage in (1, 2) else 1
+    out = {"comm_buckets": e.reduce_bucket * e.param_bytes * buffers}
+    if e.stage == 3:
+        out["gathered_parameters"] = min(P, max(e.prefetch_bucket, largest_module) + largest_module) * e.param_bytes
+    return out
 
 
-def _collectives(e: EngineSettings, P: int, W: int) -> list[Collective]:
-    """DeepSpeed's gradient reduction and parameter gathering per optimizer step (no hook)."""
+def _collectives(e: EngineSettings, part: Partitions, P: int, W: int) -> list[Collective]:
+    """DeepSpeed's gradient reduction and parameter gathering per optimizer step (no hook). ZeRO 1/2
+    all-reduce the gradient buckets (DeepSpeed 0.19.8's ``use_multi_rank_bucket_allreduce``, also with
+    ``reduce_scatter: true``): every micro batch at ZeRO-2, at the boundary at ZeRO-1; then gather the
+    updated partitions. ZeRO-3 gathers each parameter for forward and again for backward where its
+    reuse distance exceeds ``stage3_max_reuse_distance``, kept (persistent) ones once after the step,
+    and reduce-scatters the gradients every micro batch.
+    Scalars (the gradient norm, overflow flags: under 16 bytes a step) are left out."""
     if W == 1:
         return []
-    g = 4 if e.precision == "fp32" else 2
+    g = e.param_bytes
     A = e.grad_accum
     if e.stage == 0:
         return [Collective("all_reduce", "world", P * g, 1, "gradients at the accumulation boundary")]
     if e.stage in (1, 2):
-        calls = A if e.stage == 2 else 1
-        op = "reduce_scatter" if e.reduce_scatter else "all_reduce"
         return [
-            Collective(op, "world", P * g, calls, "gradient buckets"),
-            Collective("all_gather", "world", P * e.param_bytes, 1, "updated 16-bit partitions"),
+            Collective("all_reduce", "world", P * g, A if e.stage == 2 else 1, "gradient buckets"),
+            Collective("all_gather", "world", part.padded * g, 1, "updated 16-bit partitions"),
         ]
-    return [
-        Collective("all_gather", "world", P * e.param_bytes, 2 * A, "parameters, forward and backward"),
-        Collective("reduce_scatter", "world", P * g, A, "gradients"),
+    out = [
+        Collective("all_gather", "world", part.gathered * g, A, "parameters, forward (kept for backward)"),
+        Collective("reduce_scatter", "world", part.padded * g, A, "gradients"),
     ]
+    if part.regathered:
+        out.append(Collective("all_gather", "world", part.regathered * g, A, "parameters gathered again for backward"))
+    if part.persistent:
+        out.append(Collective("all_gather", "world", part.persistent_padded * g, 1, "updated persistent parameters"))
+    return out
 
 
 def plan_run(
@@ -166,7 +221,8 @@ def plan_run(
     shape = model_shape(config)
     P = shape.numel
     notes: list[str] = []
-    comps = _model_states(e, P, W)
+    part = partitions(shape, e, W)
+    comps = _model_states(e, part, P)
     trace = trace_activations(config, e.micro_batch, e.torch_dtype, device_type)
     if e.checkpointing:
         saved = trace.embeddings + (0 if e.cpu_checkpointing else sum(trace.block_inputs)) + max(trace.blocks)
@@ -175,8 +231,8 @@ def plan_run(
     comps["activations"] = saved
     comps["logits_and_loss"] = trace.head + trace.logits  # saved by the head, plus d(logits) at backward's start
     comps["attention_temporaries"] = _attention_temporaries(config, e, trace.attention_impl)
-    comps["comm_buckets"] = _buckets(e, P, shape.largest_module_numel)
-    collectives = _collectives(e, P, W)
+    comps.update(_buckets(e, P, shape.largest_module_numel))
+    collectives = _collectives(e, part, P, W)
     without_hook = None
     if e.comm_hook:
         psgd = PowerSGDConfig.from_section(e.comm_hook)
@@ -187,7 +243,7 @@ def plan_run(
         collectives = [c for c in collectives if c.what != "gradient buckets" and "at the accumulation" not in c.what]
         collectives += hook_collectives
     comps["dvae"] = dvae_param_count(dvae) * 4 if dvae is not None else 0
-    comps["cuda_context"] = CUDA_CONTEXT_BYTES
+    comps["cuda_context"] = CUDA_CONTEXT_BYTES if device_type != "cpu" else 0
     transient = ("activations", "logits_and_loss", "attention_temporaries", "powersgd_in_flight")
     persistent = sum(v for k, v in comps.items() if k not in transient)
     total = persistent + sum(comps.get(k, 0) for k in transient)

@@ -7,14 +7,15 @@ from .plan import RunPlan
 __all__ = ["format_plan", "gib"]
 
 DESCRIPTIONS = {
-    "weights_16bit": "16-bit weights (the copy forward and backward use)",
+    "weights_16bit": "working weights (16-bit; fp32 in fp32 runs)",
     "weights_fp32": "fp32 weights (master copy the optimizer updates)",
     "gradients": "gradients (16-bit and the fp32 copy the optimizer reads)",
     "optimizer_states": "Adam moments (fp32)",
     "activations": "activations saved for backward",
     "logits_and_loss": "logits, loss and d(logits) (fp32)",
     "attention_temporaries": "attention score tiles",
-    "comm_buckets": "communication buckets",
+    "comm_buckets": "gradient reduce buckets",
+    "gathered_parameters": "ZeRO-3 parameters gathered in flight",
     "powersgd_state": "PowerSGD residuals and Q's",
     "powersgd_in_flight": "PowerSGD, one bucket in flight",
     "dvae": "frozen dVAE (fp32, encodes on the fly)",

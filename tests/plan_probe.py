@@ -1,0 +1,251 @@
+"""Test-only rank script: train a tiny DALL-E under a DeepSpeed engine and write what the dry run
+predicts, measured (tests/test_plan_validation.py starts it on 2 or 4 forked ranks).
+
+``plan_probe.py --local_rank=R SPEC_JSON OUT_DIR`` writes ``OUT_DIR/rank<R>.json`` with
+- ``states``: bytes of the tensors DeepSpeed holds after two optimizer steps (the 16-bit flat groups
+  or ZeRO-3 partitions, the fp32 master partitions, Adam's moments, the gradient partitions and the
+  reduce bucket) and ``step_grads``: the fp32 gradients the inner optimizer reads when it steps;
+- ``saved``: peak bytes autograd holds for backward during the second step's first micro batch
+  (unique storages, parameters excluded), with and without activation checkpointing;
+- ``collectives``: every torch.distributed call (DeepSpeed's included) between the end of the first
+  optimizer step and the end of the second: op, the group's ranks, payload bytes as the planner
+  counts them (an all-reduce's or reduce's tensor, a reduce-scatter's input, an all-gather's output);
+- ``rss_baseline`` / ``rss_peak``: the process's RSS before the model existed and its peak after.
+
+SPEC_JSON: {"preset", "overrides", "ds" (DeepSpeed JSON), "micro_batch", "grad_accum"}.
+"""
+
+import json
+import os
+import sys
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+RECORD = {"on": False, "calls": []}
+PAYLOAD_ARG = {"all_reduce": 0, "reduce": 0, "broadcast": 0, "reduce_scatter_tensor": 1, "all_gather_into_tensor": 0,
+               "_reduce_scatter_base": 1, "_all_gather_base": 0, "all_gather": 0, "reduce_scatter": 1}  # fmt: skip
+KEYWORDS = {"all_reduce": "tensor", "reduce": "tensor", "broadcast": "tensor", "reduce_scatter_tensor": "input",
+            "all_gather_into_tensor": "output_tensor", "_reduce_scatter_base": "input", "_all_gather_base": "output",
+            "all_gather": "tensor_list", "reduce_scatter": "input_list"}  # fmt: skip
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value)
+
+
+def _install_recorder() -> None:
+    """Wrap torch.distributed's collectives (before DeepSpeed's comm backend captures them)."""
+    for op, index in PAYLOAD_ARG.items():
+        fn = getattr(c10d, op, None)
+        if fn is None:
+            continue
+
+        def wrapper(*args, _fn=fn, _op=op, _index=index, **kwargs):
+            if RECORD["on"]:
+                payload = kwargs.get(KEYWORDS[_op], args[_index] if len(args) > _index else None)
+                group = kwargs.get("group")
+                ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+                RECORD["calls"].append({"op": _op, "ranks": ranks, "bytes": _nbytes(payload)})
+            return _fn(*args, **kwargs)
+
+        setattr(c10d, op, wrapper)
+        if hasattr(dist, op):
+            setattr(dist, op, wrapper)
+
+
+def _rss(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class SavedBytes:
+    """Live bytes of the storages autograd keeps for backward (parameters excluded), and their peak."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.live: dict[int, list] = {}  # storage key -> [refcount, nbytes]
+        self.now = self.peak = 0
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in {p.untyped_storage().data_ptr() for p in self.params}:  # a weight or a view of one
+            return t
+        entry = self.live.setdefault(key, [0, t.untyped_storage().nbytes()])
+        if entry[0] == 0:
+            self.now += entry[1]
+            self.peak = max(self.peak, self.now)
+        entry[0] += 1
+        holder = _Holder(t)
+        weakref.finalize(holder, self._release, key)
+        return holder
+
+    def _release(self, key):
+        entry = self.live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.now -= entry[1]
+            del self.live[key]
+
+    @staticmethod
+    def unpack(value):
+        return value.t if isinstance(value, _Holder) else value
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Holder:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _flat(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flat(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flat(v)
+
+
+def _distinct(tensors, seen: dict | None = None) -> int:
+    """Bytes of ``tensors`` counted once per memory region (a view of a tensor counted before, or
+    one of ``seen``'s, adds nothing); ``seen`` (data pointer -> bytes) is updated."""
+    seen = {} if seen is None else seen
+    added = 0
+    for t in _flat(list(tensors)):
+        if t.numel() and t.data_ptr() not in seen:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+            added += seen[t.data_ptr()]
+    return added
+
+
+def _state_bytes(opt, stage: int) -> dict:
+    """Bytes of the flat buffers DeepSpeed's ZeRO optimizer holds after a step (names as in DeepSpeed
+    0.19.8), each region counted once (ZeRO-3 in fp32 keeps one partition as working and master copy)."""
+    seen: dict = {}
+    moments = [[s.get("exp_avg"), s.get("exp_avg_sq")] for s in opt.optimizer.state.values()]
+    if stage == 3:
+        return {
+            "weights_16bit": _distinct(opt.fp16_partitioned_groups_flat, seen),
+            "persistent_16bit": _distinct((p.data for p in opt.persistent_parameters), seen),
+            "weights_fp32": _distinct(opt.fp32_partitioned_groups_flat, seen),
+            "optimizer_states": _distinct(moments, seen),
+        }
+    return {
+        "weights_16bit": _distinct(opt.bit16_groups_flat, seen),
+        "weights_fp32": _distinct(opt.single_partition_of_fp32_groups, seen),
+        "optimizer_states": _distinct(moments, seen),
+    }
+
+
+def main(spec: dict, out_dir: str) -> None:
+    from dalle_ds import DALLE, DalleConfig
+    from dalle_ds.distributed import ds_adapter
+    from dalle_ds.distributed.ds_config import prepare_ds_config
+    from dalle_ds.distributed.process_group import init_distributed
+    from dalle_ds.training.optim import param_groups
+
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    rss_baseline = _rss("VmRSS")
+    _install_recorder()
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    A, B = spec["grad_accum"], spec["micro_batch"]
+    ds = prepare_ds_config(spec["ds"], world_size=world, micro_batch_size=B, gradient_accumulation_steps=A)
+    config = DalleConfig.from_name(spec["preset"], **spec.get("overrides", {}))
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    torch.manual_seed(0)
+    if stage == 3:
+        with ds_adapter.zero3_init(ds):
+            model = DALLE(config, initialise=False)
+        model.init_weights(around=lambda m: ds_adapter.gathered(list(m.parameters(recurse=False)), modifier_rank=0))
+        for param in model.external_parameters():
+            ds_adapter.register_external_parameter(model, param)
+    else:
+        model = DALLE(config)
+    ds_adapter.apply_activation_checkpointing(model.blocks, ds)
+    opt = torch.optim.AdamW(param_groups(model, 0.045), lr=1e-4, betas=(0.9, 0.96))
+    engine, zero_opt, _ = ds_adapter.build_engine(model, ds, opt)
+    rss_built, rss_build_peak = _rss("VmRSS"), _rss("VmHWM")
+    with open("/proc/self/clear_refs", "w") as f:  # training's peak from here on
+        f.write("5")
+    grads = {"at_reduce": 0, "at_step": 0, "ipg_bucket": 0}
+
+    def before_inner_step(optimizer, args, kwargs):
+        seen: dict = {}
+        held = _distinct([zero_opt.grad_partitions_flat_buffer] if stage == 3 else zero_opt.averaged_gradients, seen)
+        held += _distinct((p.grad for p in engine.module.parameters()), seen)
+        held += _distinct((p.grad for g in optimizer.param_groups for p in g["params"]), seen)
+        grads["at_step"] = max(grads["at_step"], held)
+
+    zero_opt.optimizer.register_step_pre_hook(before_inner_step)
+    reduce_name = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads" if stage == 3 else "reduce_ipg_grads"
+    reduce = getattr(zero_opt, reduce_name)
+
+    def measuring_reduce(*args, **kwargs):
+        buckets = [b.buffer for b in zero_opt.ipg_buckets.values()]
+        grads["ipg_bucket"] = max(grads["ipg_bucket"], _distinct(buckets))
+        seen = {}
+        _distinct(buckets, seen)
+        held = _distinct((p.grad for p in engine.module.parameters()), seen)
+        held += _distinct([zero_opt.grad_partitions_flat_buffer] if stage == 3 else zero_opt.averaged_gradients, seen)
+        grads["at_reduce"] = max(grads["at_reduce"], held)
+        return reduce(*args, **kwargs)
+
+    setattr(zero_opt, reduce_name, measuring_reduce)
+    g = torch.Generator().manual_seed(rank)
+    saved = SavedBytes(engine.module.parameters())
+    for step in range(2):
+        for micro in range(A):
+            text = torch.randint(1, config.text_vocab_size, (B, config.text_len), generator=g)
+            codes = torch.randint(0, config.image_vocab_size, (B, config.image_len), generator=g)
+            measure = step == 1 and micro == 0
+            with saved.hooks() if measure else _nothing():
+                loss = engine(text.to(engine.device), codes.to(engine.device)).loss
+                engine.backward(loss)
+            engine.step()
+        RECORD["on"] = step == 0
+    result = {
+        "world": world,
+        "stage": stage,
+        "states": _state_bytes(zero_opt, stage),
+        "gradients": grads,
+        "saved": saved.peak,
+        "collectives": RECORD["calls"],
+        "rss_baseline": rss_baseline,
+        "rss_built": rss_built,
+        "rss_build_peak": rss_build_peak,
+        "rss_peak": _rss("VmHWM"),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(json.loads(args[0]), args[1])

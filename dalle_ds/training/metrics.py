@@ -100,7 +100,8 @@ class MetricsLog:
 
 class NonFiniteRun:
     """Consecutive optimizer steps whose loss was non-finite, counted on the loss's device (no host
-    read per step): ``run`` is the current run, ``longest`` the longest run since the last :meth:`read`."""
+    read per step): ``run`` is the current run, ``longest`` the longest run since the last logged
+    step (:meth:`interval_done`)."""
 
     def __init__(self, device: torch.device | str, run: int = 0):
         self.run = torch.tensor(float(run), device=device)

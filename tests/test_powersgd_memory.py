@@ -5,10 +5,13 @@ residuals, the one-node fallback of hierarchical mode."""
 import functools
 import io
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
 from test_powersgd import run_ranks
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dalle_ds import DALLE, get_preset
 from dalle_ds.distributed.powersgd import PowerSGD, PowerSGDConfig, build_comm_hook
@@ -81,6 +84,57 @@ def test_flat_hook_holds_and_sends_what_the_plan_says(single_process_group):
     state, payloads = planned(False, 1, 2)
     assert held(hook) == state and hook.bytes_by_kind == payloads
     assert payloads["P"] > 0 and payloads["plain"] > 0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages allocated inside the mode and still referenced; their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.size, self.now, self.peak = {}, {}, 0, 0
+
+    def _drop(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.now -= self.size.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        for t in (t for t in tree_flatten(out)[0] if torch.is_tensor(t)):
+            key = t.untyped_storage().data_ptr()
+            if key in self.refs:  # a view of a storage allocated in here
+                self.refs[key] += 1
+            elif key in inputs or func.is_view:  # in place, or a view of a storage from outside
+                continue
+            else:
+                self.refs[key], self.size[key] = 1, t.untyped_storage().nbytes()
+                self.now += self.size[key]
+                self.peak = max(self.peak, self.now)
+            weakref.finalize(t, self._drop, key)
+        return out
+
+
+def test_a_bucket_holds_one_matrix_at_a_time_within_the_planned_in_flight_bytes(single_process_group):
+    cfg = ds_config(False)
+    hook = build_comm_hook(cfg["communication_hook"])
+    hook.train_dtype = torch.bfloat16
+    run_step(hook, 0, 0)  # residuals and Q's exist: the steady state
+    layout = Layout(nodes=1, gpus_per_node=2, gpu_memory=2**40, micro_batch=1)
+    e, psgd = EngineSettings.from_ds_config(cfg, layout, "test"), PowerSGDConfig.from_section(cfg["communication_hook"])
+    in_flight = powersgd_memory(model_shape(get_preset("dalle-tiny")), e, psgd, layout)["powersgd_in_flight"]
+    peaks = []
+    for bucket in buckets(1, 0):
+        matrices = [g.numel() * 4 for _, g in bucket if hook._compressible(g)]
+        with LiveBytes() as live:
+            hook.reduce(bucket)
+        peaks.append(live.peak)
+        # fp32 M and approximation of one matrix at a time (P, Q and the plain part are small beside
+        # them), where stacking the bucket's matrices held two fp32 copies of all of them
+        assert 2 * max(matrices) <= live.peak < 2 * max(matrices) + sum(matrices) // 4, (live.peak, matrices)
+    largest = max(shape.numel() for _, shape in tiny_shapes() if len(shape) == 2) * 4
+    assert max(peaks) <= in_flight < 2 * max(peaks) and 2 * largest < in_flight  # the plan: a bound, not far off
 
 
 def _hierarchical_worker(rank, world, port, out):

@@ -109,4 +109,4 @@ def test_every_collective_of_a_training_run_goes_through_one_module_on_the_right
     )
     functions = {(Path(r["origin"].split(":")[0]).name, r["function"]) for r in rows}
     assert ("stream.py", "host_all_reduce") in functions and ("powersgd.py", "all_reduce") in functions
-    assert ("dvae.py", "all_reduce") in functions and ("trainer.py", "all_gather_object") in functions
+    assert ("dvae.py", "all_reduce") in functions and ("metrics.py", "all_gather_object") in functions

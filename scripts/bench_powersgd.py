@@ -2,7 +2,7 @@
 """PowerSGD benchmarks: bytes and compression time at the paper's shapes, memory, convergence.
 
     python scripts/bench_powersgd.py [--blocks 1] [--batch 1] [--gpus-per-node 8] [--rounds 3]
-    python scripts/bench_powersgd.py --mode memory [--d-model 768] [--layers 8] [--steps 3]
+    python scripts/bench_powersgd.py --mode memory [--d-model 768] [--layers 8] [--steps 3] [--repeats 3]
     python scripts/bench_powersgd.py --mode convergence [--seeds 0,1,2] [--steps 40]
 
 bytes (default): builds `--blocks` residual blocks of the `dalle-12b` preset (d_model 3968, 62
@@ -20,7 +20,8 @@ gradients) and in fp32.
 
 memory: the DALL-E trainer (dalle-small's shapes at `--d-model` / `--layers`) on 2 CPU ranks, bf16,
 ZeRO-2 with 5M-element buckets, without the hook and with flat PowerSGD (rank 4 from step 0) keeping
-fp32 and bf16 residuals: the largest peak RSS of any rank, and its growth per compressed parameter.
+fp32 and bf16 residuals: the largest peak RSS of any rank (median of `--repeats` runs), and its
+growth per compressed parameter.
 
 convergence: dalle-tiny on 2 CPU ranks (fp32, ZeRO-2), rank-4 PowerSGD from step 10 with fp32 and
 with bf16 residuals, per seed: the mean loss of the last 5 steps.
@@ -94,9 +95,11 @@ def memory_mode(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_config(config, tmp / "model.yaml")
-        peaks = memory_runs(tmp, TRAIN, tmp / "model.yaml", dvae_for(config, tmp), hooks, args.steps, args.mbs)
+        dvae = dvae_for(config, tmp)
+        peaks = memory_runs(tmp, TRAIN, tmp / "model.yaml", dvae, hooks, args.steps, args.mbs, args.repeats)
     print(f"d_model {args.d_model}, {args.layers} layers: {params / 1e6:.1f}M parameters, {compressed / 1e6:.1f}M")
-    print(f"compressed; bf16, ZeRO-2, 5e6-element buckets, 2 ranks, micro batch {args.mbs}, {args.steps} steps")
+    print(f"compressed; bf16, ZeRO-2, 5e6-element buckets, 2 ranks, micro batch {args.mbs}, {args.steps} steps;")
+    print(f"peak RSS: the largest of any rank, median of {args.repeats} runs")
     print()
     print("| setting | peak RSS MiB | vs off MiB | bytes / compressed parameter |")
     print("|---|---|---|---|")
@@ -144,6 +147,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (memory: 3, convergence: 40)")
     p.add_argument("--mbs", type=int, default=None, help="micro batch per rank (memory: 1, convergence: 4)")
     p.add_argument("--seeds", default="0,1,2", help="convergence: the seeds")
+    p.add_argument("--repeats", type=int, default=3, help="memory: runs per setting (the median is printed)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

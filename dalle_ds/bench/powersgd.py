@@ -143,15 +143,20 @@ def train_rows(tmp: Path, name: str, ds_config: dict, train_script: Path, preset
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def memory_runs(tmp: Path, train_script: Path, preset, dvae, hooks: dict, steps: int, mbs: int) -> dict[str, float]:
-    """Largest peak RSS (MiB) of any rank per setting: ``hooks`` maps a name to a
-    ``communication_hook`` section, or None for DeepSpeed's own reduction."""
-    peaks = {}
-    for name, hook in hooks.items():
-        cfg = {**MEMORY_DS_CONFIG, **({"communication_hook": hook} if hook else {})}
-        rows = train_rows(tmp, name.replace(" ", "_"), cfg, train_script, preset, dvae, steps, mbs)
-        peaks[name] = max(r["peak_rss_mb"] for r in rows)
-    return peaks
+def memory_runs(
+    tmp: Path, train_script: Path, preset, dvae, hooks: dict, steps: int, mbs: int, repeats: int = 1
+) -> dict[str, float]:
+    """Largest peak RSS (MiB) of any rank per setting, the median of ``repeats`` runs (settings
+    interleaved): ``hooks`` maps a name to a ``communication_hook`` section, or None for DeepSpeed's
+    own reduction."""
+    peaks: dict[str, list[float]] = {name: [] for name in hooks}
+    for repeat in range(repeats):
+        for name, hook in hooks.items():
+            cfg = {**MEMORY_DS_CONFIG, **({"communication_hook": hook} if hook else {})}
+            run = f"{name.replace(' ', '_').replace(',', '')}_{repeat}"
+            rows = train_rows(tmp, run, cfg, train_script, preset, dvae, steps, mbs)
+            peaks[name].append(max(r["peak_rss_mb"] for r in rows))
+    return {name: statistics.median(values) for name, values in peaks.items()}
 
 
 def final_loss(rows: list[dict], last: int = 5) -> float:

@@ -15,6 +15,7 @@ predicts, measured (tests/test_plan_validation.py starts it on 2 or 4 forked ran
 SPEC_JSON: {"preset", "overrides", "ds" (DeepSpeed JSON), "micro_batch", "grad_accum"}.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -66,25 +67,28 @@ def _rss(field: str) -> int:
 
 
 class SavedBytes:
-    """Live bytes of the storages autograd keeps for backward (parameters excluded), and their peak."""
+    """Live bytes of the storages autograd keeps for backward (parameters excluded), and their peak.
+
+    DeepSpeed's activation checkpointing keeps each block's input on its autograd node
+    (``ctx.deepspeed_saved_tensors``), out of reach of saved-tensor hooks: while :meth:`hooks` is
+    active its ``checkpoint`` is wrapped so that the input counts from the block's forward until
+    backward has passed that block."""
 
     def __init__(self, params):
         self.params = list(params)
         self.live: dict[int, list] = {}  # storage key -> [refcount, nbytes]
         self.now = self.peak = 0
 
-    def pack(self, t):
+    def _hold(self, t) -> int | None:
         key = t.untyped_storage().data_ptr()
         if key in {p.untyped_storage().data_ptr() for p in self.params}:  # a weight or a view of one
-            return t
+            return None
         entry = self.live.setdefault(key, [0, t.untyped_storage().nbytes()])
         if entry[0] == 0:
             self.now += entry[1]
             self.peak = max(self.peak, self.now)
         entry[0] += 1
-        holder = _Holder(t)
-        weakref.finalize(holder, self._release, key)
-        return holder
+        return key
 
     def _release(self, key):
         entry = self.live[key]
@@ -93,12 +97,39 @@ class SavedBytes:
             self.now -= entry[1]
             del self.live[key]
 
+    def pack(self, t):
+        key = self._hold(t)
+        if key is None:
+            return t
+        holder = _Holder(t)
+        weakref.finalize(holder, self._release, key)
+        return holder
+
     @staticmethod
     def unpack(value):
         return value.t if isinstance(value, _Holder) else value
 
+    def _checkpoint(self, original):
+        def checkpoint(function, x, *args):
+            out = original(function, x, *args)
+            key = self._hold(x)
+            if key is not None:
+                out.grad_fn.register_hook(lambda *grads: self._release(key))
+            return out
+
+        return checkpoint
+
+    @contextlib.contextmanager
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        import deepspeed
+
+        original = deepspeed.checkpointing.checkpoint
+        deepspeed.checkpointing.checkpoint = self._checkpoint(original)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            deepspeed.checkpointing.checkpoint = original
 
 
 class _Holder:
@@ -217,7 +248,7 @@ def main(spec: dict, out_dir: str) -> None:
             text = torch.randint(1, config.text_vocab_size, (B, config.text_len), generator=g)
             codes = torch.randint(0, config.image_vocab_size, (B, config.image_len), generator=g)
             measure = step == 1 and micro == 0
-            with saved.hooks() if measure else _nothing():
+            with saved.hooks() if measure else contextlib.nullcontext():
                 loss = engine(text.to(engine.device), codes.to(engine.device)).loss
                 engine.backward(loss)
             engine.step()
@@ -236,14 +267,6 @@ def main(spec: dict, out_dir: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -6,15 +6,23 @@ forward and loss on meta inputs under :func:`torch.autograd.graph.saved_tensors_
 every tensor autograd keeps for backward, attributed to the embeddings, each transformer block or
 the logits and loss: the same tensors a real run saves, without a byte of memory. Parameters that
 ops save are not counted (they are weights, counted once elsewhere).
+
+On the meta device ``scaled_dot_product_attention`` takes its math path, which saves the whole
+fp32 attention matrix; the fused kernels a real run takes (flash on CPU, memory-efficient or cuDNN
+on GPU with a mask) save the inputs, the output, the mask as a bias and one fp32 log-sum-exp per
+query. The trace stands in an op that saves exactly that (tests compare with a real forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from ..models.attention import resolve_attention_impl
 from ..models.config import DalleConfig, DVAEConfig
@@ -96,10 +104,50 @@ class ActivationTrace:
     def total(self) -> int:
         return self.embeddings + sum(self.blocks) + self.head
 
-    def checkpointed_peak(self) -> int:
-        """Peak saved bytes with every block checkpointed: every block input, the embeddings and head,
-        plus one block's full set while backward recomputes it."""
-        return self.embeddings + sum(self.block_inputs) + self.head + max(self.blocks, default=0)
+    def checkpointed_blocks(self, inputs_on_host: bool = False) -> int:
+        """Peak bytes the embeddings and blocks hold with every block checkpointed: the embeddings'
+        tensors, each block's input (kept by its checkpoint, unless on the host) and, while backward
+        recomputes a block, that block's whole set (its own input among them)."""
+        kept = 0 if inputs_on_host else sum(self.block_inputs)
+        own = (0,) * len(self.blocks) if inputs_on_host else self.block_inputs
+        return self.embeddings + max((kept - i + b for b, i in zip(self.blocks, own, strict=True)), default=kept)
+
+    def checkpointed_peak(self, inputs_on_host: bool = False) -> int:
+        """Peak saved bytes with every block checkpointed: the end of forward (block inputs and the
+        head's tensors) or a block's recomputation (the head's tensors are freed by then)."""
+        kept = 0 if inputs_on_host else sum(self.block_inputs)
+        return max(self.embeddings + kept + self.head, self.checkpointed_blocks(inputs_on_host))
+
+
+@contextlib.contextmanager
+def _fused_attention() -> Iterator[None]:
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel saves for backward (on meta tensors: shapes only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        B, H, n = q.shape[:-1]  # the kernels write the output in (B, n, H, d) memory order
+        out = q.new_empty((B, n, H, v.shape[-1])).transpose(1, 2)
+        logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, logsumexp, *([] if bias is None else [bias]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never runs: the trace has no backward
+        raise NotImplementedError
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    bias = None if attn_mask is None else attn_mask.new_empty(attn_mask.shape, dtype=q.dtype)
+    return _FusedAttention.apply(q, k, v, bias)
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,10 +168,13 @@ def trace_activations(config: DalleConfig, micro_batch: int, dtype: torch.dtype,
     saved: dict[str, dict[int, int]] = {}
     inputs: list[int] = []
 
+    held: list[torch.Tensor] = []  # keeps every saved storage alive: no address is reused under a key
+
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
         if storage._cdata not in param_storages:
             saved.setdefault(phase[0], {})[storage._cdata] = storage.nbytes()
+            held.append(t)
         return t
 
     def enter(name):
@@ -139,7 +190,7 @@ def trace_activations(config: DalleConfig, micro_batch: int, dtype: torch.dtype,
     text = torch.zeros(micro_batch, config.text_len, dtype=torch.long, device="meta")
     codes = torch.zeros(micro_batch, config.image_len, dtype=torch.long, device="meta")
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(text, image_codes=codes, return_logits=True, check_inputs=False)  # no values to check
     finally:
         for h in handles:

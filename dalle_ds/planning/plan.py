@@ -225,7 +225,7 @@ def plan_run(
     comps = _model_states(e, part, P)
     trace = trace_activations(config, e.micro_batch, e.torch_dtype, device_type)
     if e.checkpointing:
-        saved = trace.embeddings + (0 if e.cpu_checkpointing else sum(trace.block_inputs)) + max(trace.blocks)
+        saved = trace.checkpointed_blocks(inputs_on_host=e.cpu_checkpointing)
     else:
         saved = trace.embeddings + sum(trace.blocks)
     comps["activations"] = saved

@@ -209,13 +209,13 @@ class PowerSGD:
         compress = not cfg.exact and self.iter >= cfg.start_iter
         plain = [g for _, g in named_grads if not (compress and self._compressible(g))]
         matrices = [(k, g) for k, g in named_grads if compress and self._compressible(g)]
+        if matrices:  # first: the plain part's fp32 copy is not alive meanwhile
+            self._powersgd(matrices)
         if plain:
             flat = torch.cat([g.reshape(-1).float() for g in plain])
             self._all_reduce_mean(flat, self.group)
             scatter_back(flat, plain)
             self.bytes_by_kind["plain"] += flat.numel() * 4
-        if matrices:
-            self._powersgd(matrices)
 
     def _reduce_hierarchical(self, named_grads: list[tuple[Any, torch.Tensor]]) -> None:
         """The paper's layout: reduce-scatter inside the node, PowerSGD across nodes, all-gather.

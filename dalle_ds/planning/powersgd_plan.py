@@ -53,11 +53,12 @@ def compressed_matrices(shape, psgd: PowerSGDConfig, layout: Layout) -> tuple[li
 def powersgd_memory(shape, e: EngineSettings, psgd: PowerSGDConfig, layout: Layout) -> dict[str, int]:
     """Bytes per rank: ``powersgd_state`` (error-feedback residuals in their dtype and the fp32 Q's,
     kept across steps: exactly what the hook holds after a step) and ``powersgd_in_flight`` (one
-    bucket's reduction at its peak: the plain part's fp32 buffer, fp32 P and Q with their 16-bit wire
-    copies and starting Q's, and one matrix at a time: M and the approximation in fp32; under fp16
-    the step's staged residuals; in hierarchical mode the node's send/gather buffer, this rank's shard
-    and the gathered copy of the largest tensor). P, Q and staged residuals are counted for every
-    compressed matrix: an upper bound where a bucket holds some of them."""
+    bucket's reduction at its peak: the larger of the plain part's fp32 buffer and the compressed
+    part's fp32 P and Q with their 16-bit wire copies and starting Q's plus, one matrix at a time, M
+    and the approximation in fp32; under fp16 the step's staged residuals; in hierarchical mode the
+    node's send/gather buffer, this rank's shard and the gathered copy of the largest tensor). P, Q
+    and staged residuals are counted for every compressed matrix: an upper bound where a bucket
+    holds some of them."""
     if psgd.exact or psgd.hierarchical and layout.nodes == 1:
         return {"powersgd_state": 0, "powersgd_in_flight": 0}
     matrices, plain = compressed_matrices(shape, psgd, layout)
@@ -67,7 +68,7 @@ def powersgd_memory(shape, e: EngineSettings, psgd: PowerSGDConfig, layout: Layo
     largest = max((n * m for n, m, _ in matrices), default=0)
     p, q = sum(n * r for n, _, r in matrices), sum(m * r for _, m, r in matrices)
     pq = (p + q) * 4 + max(p, q) * _WIRE[psgd.dtype] * (psgd.dtype != "fp32") + q * 4
-    in_flight = 2 * 4 * largest + pq + 4 * min(bucket, plain)
+    in_flight = max(2 * 4 * largest + pq, 4 * min(bucket, plain))  # the hook reduces one part, then the other
     if e.precision == "fp16":  # the engine may skip the step: residuals staged until it is known
         in_flight += residuals
     if _hierarchical(psgd, layout):

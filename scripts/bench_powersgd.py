@@ -20,8 +20,8 @@ gradients) and in fp32.
 
 memory: the DALL-E trainer (dalle-small's shapes at `--d-model` / `--layers`) on 2 CPU ranks, bf16,
 ZeRO-2 with 5M-element buckets, without the hook and with flat PowerSGD (rank 4 from step 0) keeping
-fp32 and bf16 residuals: the largest peak RSS of any rank (median of `--repeats` runs), and its
-growth per compressed parameter.
+fp32 and bf16 residuals: the largest peak RSS of any rank (median of `--repeats` runs, with glibc's
+mmap threshold fixed so that RSS follows live tensors), and its growth per compressed parameter.
 
 convergence: dalle-tiny on 2 CPU ranks (fp32, ZeRO-2), rank-4 PowerSGD from step 10 with fp32 and
 with bf16 residuals, per seed: the mean loss of the last 5 steps.
@@ -99,7 +99,7 @@ def memory_mode(args) -> None:
         peaks = memory_runs(tmp, TRAIN, tmp / "model.yaml", dvae, hooks, args.steps, args.mbs, args.repeats)
     print(f"d_model {args.d_model}, {args.layers} layers: {params / 1e6:.1f}M parameters, {compressed / 1e6:.1f}M")
     print(f"compressed; bf16, ZeRO-2, 5e6-element buckets, 2 ranks, micro batch {args.mbs}, {args.steps} steps;")
-    print(f"peak RSS: the largest of any rank, median of {args.repeats} runs")
+    print(f"peak RSS: the largest of any rank, median of {args.repeats} runs, malloc's mmap threshold at 1 MiB")
     print()
     print("| setting | peak RSS MiB | vs off MiB | bytes / compressed parameter |")
     print("|---|---|---|---|")

@@ -25,6 +25,7 @@ from dalle_ds.models.dalle import DALLE, Block
 from .train import launch_command
 
 __all__ = [
+    "FIXED_MALLOC",
     "MEMORY_DS_CONFIG",
     "block_grads",
     "final_loss",
@@ -130,14 +131,24 @@ def param_counts(config, hook_config: PowerSGDConfig) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if hook._compressible(p))
 
 
-def train_rows(tmp: Path, name: str, ds_config: dict, train_script: Path, preset, dvae, steps: int, mbs: int, *extra):
+# glibc's malloc raises its mmap threshold as large blocks are freed, after which freed tensors stay
+# in the heap and peak RSS drifts from run to run (+-150 MiB at 58M parameters); a fixed threshold
+# returns every block of 1 MiB or more to the system when it is freed, so RSS follows live tensors.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def train_rows(
+    tmp: Path, name: str, ds_config: dict, train_script: Path, preset, dvae, steps: int, mbs: int, *extra, env=None
+):
     """``metrics.jsonl`` rows of the DALL-E trainer on 2 CPU ranks under the deepspeed launcher
-    (``ds_config`` written to ``tmp/<name>.json``, output in ``tmp/<name>``, one thread per rank)."""
+    (``ds_config`` written to ``tmp/<name>.json``, output in ``tmp/<name>``, one thread per rank,
+    ``env`` added to the environment)."""
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(ds_config))
     out = tmp / name
     cmd = [*launch_command(train_script, path, preset, dvae, out, steps, mbs), *map(str, extra)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -147,14 +158,14 @@ def memory_runs(
     tmp: Path, train_script: Path, preset, dvae, hooks: dict, steps: int, mbs: int, repeats: int = 1
 ) -> dict[str, float]:
     """Largest peak RSS (MiB) of any rank per setting, the median of ``repeats`` runs (settings
-    interleaved): ``hooks`` maps a name to a ``communication_hook`` section, or None for DeepSpeed's
-    own reduction."""
+    interleaved, malloc's mmap threshold fixed: :data:`FIXED_MALLOC`): ``hooks`` maps a name to a
+    ``communication_hook`` section, or None for DeepSpeed's own reduction."""
     peaks: dict[str, list[float]] = {name: [] for name in hooks}
     for repeat in range(repeats):
         for name, hook in hooks.items():
             cfg = {**MEMORY_DS_CONFIG, **({"communication_hook": hook} if hook else {})}
             run = f"{name.replace(' ', '_').replace(',', '')}_{repeat}"
-            rows = train_rows(tmp, run, cfg, train_script, preset, dvae, steps, mbs)
+            rows = train_rows(tmp, run, cfg, train_script, preset, dvae, steps, mbs, env=FIXED_MALLOC)
             peaks[name].append(max(r["peak_rss_mb"] for r in rows))
     return {name: statistics.median(values) for name, values in peaks.items()}
 

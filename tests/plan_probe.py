@@ -10,12 +10,14 @@ predicts, measured (tests/test_plan_validation.py starts it on 2 or 4 forked ran
 - ``collectives``: every torch.distributed call (DeepSpeed's included) between the end of the first
   optimizer step and the end of the second: op, the group's ranks, payload bytes as the planner
   counts them (an all-reduce's or reduce's tensor, a reduce-scatter's input, an all-gather's output);
-- ``rss_baseline`` / ``rss_peak``: the process's RSS before the model existed and its peak after.
+- ``rss_baseline`` / ``rss_peak``: the process's RSS before the model existed and its peak while
+  training (``rss_built``, ``rss_build_peak``: after and during the engine's construction).
 
 SPEC_JSON: {"preset", "overrides", "ds" (DeepSpeed JSON), "micro_batch", "grad_accum"}.
 """
 
 import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -155,14 +157,15 @@ def _flat(value):
 
 
 def _distinct(tensors, seen: dict | None = None) -> int:
-    """Bytes of ``tensors`` counted once per memory region (a view of a tensor counted before, or
-    one of ``seen``'s, adds nothing); ``seen`` (data pointer -> bytes) is updated."""
+    """Bytes of the storages behind ``tensors``, each counted once (a view keeps its whole storage
+    alive; a storage in ``seen`` adds nothing); ``seen`` (storage pointer -> bytes) is updated."""
     seen = {} if seen is None else seen
     added = 0
     for t in _flat(list(tensors)):
-        if t.numel() and t.data_ptr() not in seen:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
-            added += seen[t.data_ptr()]
+        storage = t.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = storage.nbytes()
+            added += storage.nbytes()
     return added
 
 
@@ -192,6 +195,10 @@ def main(spec: dict, out_dir: str) -> None:
     from dalle_ds.distributed.process_group import init_distributed
     from dalle_ds.training.optim import param_groups
 
+    # A fixed mmap threshold (glibc's M_MMAP_THRESHOLD, -3): every tensor above 64 KiB gets its own
+    # mapping, returned to the system when freed, so the RSS follows the live tensors (as a GPU's
+    # allocated bytes do) instead of keeping freed blocks on the heap.
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
         f.write("5")
     rss_baseline = _rss("VmRSS")
@@ -221,7 +228,8 @@ def main(spec: dict, out_dir: str) -> None:
 
     def before_inner_step(optimizer, args, kwargs):
         seen: dict = {}
-        held = _distinct([zero_opt.grad_partitions_flat_buffer] if stage == 3 else zero_opt.averaged_gradients, seen)
+        partitions = [zero_opt.grad_partitions_flat_buffer] if stage == 3 else zero_opt.averaged_gradients
+        held = _distinct([partitions, getattr(zero_opt, "grads_in_partition", None)], seen)
         held += _distinct((p.grad for p in engine.module.parameters()), seen)
         held += _distinct((p.grad for g in optimizer.param_groups for p in g["params"]), seen)
         grads["at_step"] = max(grads["at_step"], held)

@@ -25,6 +25,9 @@ __all__ = ["CUDA_CONTEXT_BYTES", "HOST_BASE_BYTES", "Partitions", "RunPlan", "pa
 CUDA_CONTEXT_BYTES = 1 << 30  # estimate: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers per GPU
 HOST_BASE_BYTES = 3 << 30  # estimate: a rank's Python, torch and CUDA libraries in host memory
 ESTIMATES = ("attention_temporaries", "gathered_parameters", "cuda_context")
+BACKWARD_PHASE = (
+    "activations", "logits_and_loss", "attention_temporaries", "gathered_parameters", "powersgd_in_flight"
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -34,7 +37,8 @@ class RunPlan:
     engine: EngineSettings
     params: int
     components: dict[str, int]  # name -> peak bytes per rank
-    total_bytes: int  # peak per rank (persistent states + the larger of the two transient phases)
+    total_bytes: int  # peak per rank (persistent states + the larger of the two phases: backward, step)
+    phases: dict[str, int]  # transient bytes of each phase, and the gradients' share of each
     host_bytes_at_start: int  # per rank
     host_bytes_steady: int  # per rank, after start-up (offloaded states, checkpointed activations on CPU)
     collectives: list[Collective]
@@ -61,6 +65,7 @@ class RunPlan:
             "gpu_memory": self.layout.gpu_memory,
             "largest": self.largest,
             "components": dict(self.components),
+            "phases": dict(self.phases),
             "estimates": list(self.estimates),
             "host_bytes_at_start": self.host_bytes_at_start,
             "host_bytes_steady": self.host_bytes_steady,
@@ -97,7 +102,7 @@ class Partitions:
 
     padded: int  # elements of the flat groups as communicated (W x a rank's partition)
     shard: int  # a rank's partition, all groups
-    largest_group_shard: int  # a rank's partition of its largest group (ZeRO 1/2 step one group at a time)
+    group_shards: tuple[int, ...]  # a rank's partition of each group (ZeRO 1/2 step one group at a time)
     persistent: int  # ZeRO-3: elements kept whole on every rank
     persistent_padded: int  # ZeRO-3: those as all-gathered (W x their partitions)
     gathered: int = 0  # ZeRO-3: elements all-gathered per micro batch for forward (W x partitions)
@@ -121,41 +126,46 @@ def partitions(shape, e: EngineSettings, W: int) -> Partitions:
             if 2 * after > e.max_reuse_distance:
                 regathered += W * n
         persistent = sum(n for n, _ in kept), W * sum(k for _, k in kept)
-        return Partitions(W * shard, shard, shard, *persistent, gathered, regathered)
+        return Partitions(W * shard, shard, (shard,), *persistent, gathered, regathered)
     align = ALIGNMENT * W if e.stage in (1, 2) else 1
     padded = [-(-n // align) * align for n in shape.group_numels]
     shards = [n // W for n in padded] if e.stage in (1, 2) else padded
-    return Partitions(sum(padded), sum(shards), max(shards), 0, 0)
+    return Partitions(sum(padded), sum(shards), tuple(shards), 0, 0)
 
 
-def _model_states(e: EngineSettings, part: Partitions, P: int) -> dict[str, int]:
-    """Weights, gradients and Adam states one rank holds on the GPU (bytes), as DeepSpeed 0.19.8
-    allocates them for the stage and precision (tests compare each with a real engine's tensors).
+def _model_states(e: EngineSettings, part: Partitions, P: int, device_type: str) -> tuple[dict[str, int], int, int]:
+    """Weights, Adam states and step temporaries one rank holds on the GPU (bytes), as DeepSpeed
+    0.19.8 allocates them for the stage and precision (tests compare each with a real engine's
+    tensors), and the gradients of the two phases (backward, step).
+
     ``weights_16bit`` is the working copy forward and backward read: 16-bit, or fp32 in an fp32 run
-    (ZeRO 1/2 keep it whole beside the fp32 master partition). ``gradients`` is the larger of two
-    phases: backward (unreduced gradients of up to one reduce bucket, the reduced partition) and the
-    step (fp32 gradients of the partition the optimizer reads, ZeRO 1/2 one group at a time)."""
+    (ZeRO 1/2 keep it whole beside the fp32 master partition). Backward holds the reduced partition in
+    the parameters' dtype (ZeRO-1: every gradient until the boundary); unreduced gradients live in the
+    reduce bucket. The step adds the fp32 copies the optimizer reads. ``optimizer_temporaries``:
+    what torch's AdamW allocates while it steps the largest group: ``sqrt(exp_avg_sq)`` and its
+    quotient on the CPU (single-tensor path), one ``_foreach_sqrt`` result on a GPU (foreach path)."""
     mixed = e.precision != "fp32"
     g = e.param_bytes
-    shard, unreduced = part.shard, min(P, e.reduce_bucket)
+    shard = part.shard
     if e.stage == 0:
-        weights16, weights32 = (2 * P if mixed else 0), 4 * P
-        grads = (2 * P + 4 * P) if mixed else 4 * P  # 16-bit .grad + the fp32 copy the optimizer steps
-        opt = 8 * P
-    elif e.stage in (1, 2):
-        weights16, weights32, opt = g * part.padded, 4 * shard, 8 * shard
-        backward = g * P if e.stage == 1 else g * unreduced + g * shard  # ZeRO-1 reduces at the boundary only
-        step = 0 if e.offload_optimizer else 4 * part.largest_group_shard
-        grads = max(backward, step)
+        weights16, weights32, opt = (2 * P if mixed else 0), 4 * P, 8 * P
+        backward = step = (2 * P + 4 * P) if mixed else 4 * P  # 16-bit .grad + the fp32 copy the optimizer steps
     else:
-        weights16, weights32, opt = g * (shard + part.persistent), 4 * shard, 8 * shard
+        weights16, weights32, opt = g * part.padded, 4 * shard, 8 * shard
+        if e.stage == 3:
+            weights16 = g * (shard + part.persistent)
+        # ZeRO-1 keeps every gradient until the boundary; ZeRO 2/3 copy them into the reduce bucket
+        # (comm_buckets) as they arrive and keep the reduced partition.
+        backward = g * P if e.stage == 1 else g * shard
         step = g * shard + (0 if e.offload_optimizer else 4 * shard)
-        grads = max(g * unreduced + g * shard, step)
+    temporaries = (2 if device_type == "cpu" else 1) * 4 * max(part.group_shards)
     if e.offload_optimizer:  # fp32 master, its gradients and the moments live on the host
-        weights32, opt = 0, 0
+        weights32, opt, temporaries = 0, 0, 0
     if e.offload_param:
         weights16 = 0
-    return {"weights_16bit": weights16, "weights_fp32": weights32, "gradients": grads, "optimizer_states": opt}
+    states = {"weights_16bit": weights16, "weights_fp32": weights32, "gradients": max(backward, step),
+              "optimizer_states": opt, "optimizer_temporaries": temporaries}  # fmt: skip
+    return states, backward, step
 
 
 def _buckets(e: EngineSettings, P: int, largest_module: int) -> dict[str, int]:
@@ -222,7 +232,7 @@ def plan_run(
     P = shape.numel
     notes: list[str] = []
     part = partitions(shape, e, W)
-    comps = _model_states(e, part, P)
+    comps, grads_backward, grads_step = _model_states(e, part, P, device_type)
     trace = trace_activations(config, e.micro_batch, e.torch_dtype, device_type)
     if e.checkpointing:
         saved = trace.checkpointed_blocks(inputs_on_host=e.cpu_checkpointing)
@@ -244,9 +254,12 @@ def plan_run(
         collectives += hook_collectives
     comps["dvae"] = dvae_param_count(dvae) * 4 if dvae is not None else 0
     comps["cuda_context"] = CUDA_CONTEXT_BYTES if device_type != "cpu" else 0
-    transient = ("activations", "logits_and_loss", "attention_temporaries", "powersgd_in_flight")
-    persistent = sum(v for k, v in comps.items() if k not in transient)
-    total = persistent + sum(comps.get(k, 0) for k in transient)
+    # Two phases never overlap: forward and backward (activations, unreduced gradients, buckets in
+    # flight) and the optimizer step (fp32 gradients, the optimizer's temporaries).
+    backward_phase = grads_backward + sum(comps.get(k, 0) for k in BACKWARD_PHASE)
+    step_phase = grads_step + comps["optimizer_temporaries"]
+    persistent = sum(v for k, v in comps.items() if k not in (*BACKWARD_PHASE, "gradients", "optimizer_temporaries"))
+    total = persistent + max(backward_phase, step_phase)
     intra, inter = bytes_sent(collectives, layout.nodes, layout.gpus_per_node)
     if without_hook is None:
         without_hook = inter
@@ -264,13 +277,15 @@ def plan_run(
         params=P,
         components=comps,
         total_bytes=int(total),
+        phases={"backward": backward_phase, "step": step_phase, "gradients_backward": grads_backward,
+                "gradients_step": grads_step},  # fmt: skip
         host_bytes_at_start=int(host_start),
         host_bytes_steady=int(host_steady),
         collectives=collectives,
         intra_node_bytes_per_step=intra,
         inter_node_bytes_per_step=inter,
         inter_node_bytes_without_hook=without_hook,
-        estimates=ESTIMATES,
+        estimates=tuple(k for k in ESTIMATES if k in comps),
         notes=notes,
         deepspeed_estimate=ds_estimate,
     )

@@ -11,6 +11,7 @@ DESCRIPTIONS = {
     "weights_fp32": "fp32 weights (master copy the optimizer updates)",
     "gradients": "gradients (16-bit and the fp32 copy the optimizer reads)",
     "optimizer_states": "Adam moments (fp32)",
+    "optimizer_temporaries": "AdamW's temporaries while it steps",
     "activations": "activations saved for backward",
     "logits_and_loss": "logits, loss and d(logits) (fp32)",
     "attention_temporaries": "attention score tiles",
@@ -45,7 +46,8 @@ def format_plan(plan: RunPlan, source: str = "") -> str:
         lines.append(f"  {DESCRIPTIONS.get(name, name) + mark:<58}{gib(value):>8}")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += [
-        f"  {'total (states + transient peak)':<58}{gib(plan.total_bytes):>8}  of {gib(lay.gpu_memory)}: {verdict}",
+        f"  {'total (states + the larger phase: backward or step)':<58}{gib(plan.total_bytes):>8}"
+        f"  of {gib(lay.gpu_memory)}: {verdict}",
         f"  largest term: {plan.largest} ({gib(plan.components[plan.largest])} GiB)",
     ]
     if plan.deepspeed_estimate is not None:

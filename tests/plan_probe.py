@@ -13,7 +13,8 @@ predicts, measured (tests/test_plan_validation.py starts it on 2 or 4 forked ran
 - ``rss_baseline`` / ``rss_peak``: the process's RSS before the model existed and its peak while
   training (``rss_built``, ``rss_build_peak``: after and during the engine's construction).
 
-SPEC_JSON: {"preset", "overrides", "ds" (DeepSpeed JSON), "micro_batch", "grad_accum"}.
+SPEC_JSON: {"preset", "overrides", "ds" (DeepSpeed JSON, ``communication_hook`` included), "micro_batch",
+"grad_accum", "local_size" (ranks per faked node, for hierarchical PowerSGD)}.
 """
 
 import contextlib
@@ -27,12 +28,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-RECORD = {"on": False, "calls": []}
-PAYLOAD_ARG = {"all_reduce": 0, "reduce": 0, "broadcast": 0, "reduce_scatter_tensor": 1, "all_gather_into_tensor": 0,
-               "_reduce_scatter_base": 1, "_all_gather_base": 0, "all_gather": 0, "reduce_scatter": 1}  # fmt: skip
-KEYWORDS = {"all_reduce": "tensor", "reduce": "tensor", "broadcast": "tensor", "reduce_scatter_tensor": "input",
-            "all_gather_into_tensor": "output_tensor", "_reduce_scatter_base": "input", "_all_gather_base": "output",
-            "all_gather": "tensor_list", "reduce_scatter": "input_list"}  # fmt: skip
+RECORD = {"on": False, "calls": [], "depth": 0}
+# op -> (position, keyword) of the argument whose bytes the planner counts
+PAYLOAD = {
+    "all_reduce": (0, "tensor"), "reduce": (0, "tensor"), "broadcast": (0, "tensor"),
+    "reduce_scatter_single": (1, "input"), "reduce_scatter_tensor": (1, "input"), "_reduce_scatter_base": (1, "input"),
+    "reduce_scatter": (1, "input_list"), "all_gather_single": (0, "output_tensor"),
+    "all_gather_into_tensor": (0, "output_tensor"), "_all_gather_base": (0, "output"), "all_gather": (0, "tensor_list"),
+}  # fmt: skip
 
 
 def _nbytes(value) -> int:
@@ -43,18 +46,22 @@ def _nbytes(value) -> int:
 
 def _install_recorder() -> None:
     """Wrap torch.distributed's collectives (before DeepSpeed's comm backend captures them)."""
-    for op, index in PAYLOAD_ARG.items():
+    for op, (index, keyword) in PAYLOAD.items():
         fn = getattr(c10d, op, None)
         if fn is None:
             continue
 
-        def wrapper(*args, _fn=fn, _op=op, _index=index, **kwargs):
-            if RECORD["on"]:
-                payload = kwargs.get(KEYWORDS[_op], args[_index] if len(args) > _index else None)
+        def wrapper(*args, _fn=fn, _op=op, _index=index, _keyword=keyword, **kwargs):
+            if RECORD["on"] and not RECORD["depth"]:  # an old name calling its new one records once
+                payload = kwargs.get(_keyword, args[_index] if len(args) > _index else None)
                 group = kwargs.get("group")
                 ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
                 RECORD["calls"].append({"op": _op, "ranks": ranks, "bytes": _nbytes(payload)})
-            return _fn(*args, **kwargs)
+            RECORD["depth"] += 1
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                RECORD["depth"] -= 1
 
         setattr(c10d, op, wrapper)
         if hasattr(dist, op):
@@ -192,6 +199,7 @@ def main(spec: dict, out_dir: str) -> None:
     from dalle_ds import DALLE, DalleConfig
     from dalle_ds.distributed import ds_adapter
     from dalle_ds.distributed.ds_config import prepare_ds_config
+    from dalle_ds.distributed.powersgd import build_comm_hook
     from dalle_ds.distributed.process_group import init_distributed
     from dalle_ds.training.optim import param_groups
 
@@ -221,6 +229,9 @@ def main(spec: dict, out_dir: str) -> None:
     ds_adapter.apply_activation_checkpointing(model.blocks, ds)
     opt = torch.optim.AdamW(param_groups(model, 0.045), lr=1e-4, betas=(0.9, 0.96))
     engine, zero_opt, _ = ds_adapter.build_engine(model, ds, opt)
+    if spec["ds"].get("communication_hook"):
+        os.environ["LOCAL_SIZE"] = str(spec.get("local_size", world))  # the faked node size
+        ds_adapter.attach_comm_hook(engine, build_comm_hook(spec["ds"]["communication_hook"]))
     rss_built, rss_build_peak = _rss("VmRSS"), _rss("VmHWM")
     with open("/proc/self/clear_refs", "w") as f:  # training's peak from here on
         f.write("5")
@@ -258,7 +269,7 @@ def main(spec: dict, out_dir: str) -> None:
             measure = step == 1 and micro == 0
             with saved.hooks() if measure else contextlib.nullcontext():
                 loss = engine(text.to(engine.device), codes.to(engine.device)).loss
-                engine.backward(loss)
+                ds_adapter.backward(engine, loss)
             engine.step()
         RECORD["on"] = step == 0
     result = {

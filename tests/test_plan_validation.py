@@ -1,7 +1,8 @@
 """The dry run (dalle_ds/planning) against real runs of a tiny DALL-E under DeepSpeed on 2 and 4
-ranks (tests/plan_probe.py measures them): model-state bytes exactly, activations and gradients
-within stated bounds, and every collective's bytes per optimizer step exactly, including the
-intra/inter-node split of a faked two-node layout under the ring model."""
+ranks (tests/plan_probe.py measures them): model-state and activation bytes exactly, gradients of
+both phases (ZeRO-3 exactly, ZeRO 1/2 within 5%), every collective's bytes per optimizer step
+exactly (DeepSpeed's and the PowerSGD hook's, flat and hierarchical), the intra/inter-node split
+of a faked two-node layout under the ring model, and the total against a run's peak RSS."""
 
 import functools
 import json
@@ -39,7 +40,15 @@ RSS_RUN = {
     "preset": "dalle-tiny", "overrides": {"d_model": 512, "n_layers": 8, "n_heads": 8},
     "ds": {"zero_optimization": {"stage": 2, "reduce_bucket_size": 10**6}}, "micro_batch": 4, "grad_accum": 1,
 }  # fmt: skip
-OPS = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}
+# PowerSGD (rank 2, compressing from the first step) in place of ZeRO-2's bucket all-reduce: flat on
+# 2 ranks, hierarchical on 4 ranks faked as 2 nodes x 2 (LOCAL_SIZE=2).
+HOOK = {"type": "powersgd", "rank": 2, "start_iter": 0}
+HOOK_RUNS = {
+    "powersgd_flat_2ranks": (1, 2, 1, {}),
+    "powersgd_hierarchical_2x2": (2, 2, 2, {"hierarchical": True}),
+}  # name: (nodes, ranks per node, grad_accum, hook settings)
+OPS = {"all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+       "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_single": "reduce_scatter"}  # fmt: skip
 SCALAR = 16  # bytes: the gradient norm and overflow flags DeepSpeed all-reduces (the plan leaves them out)
 
 
@@ -212,3 +221,41 @@ def test_total_is_the_peak_rss_growth_within_20_percent():
     for rank in probe(RSS_RUN, 2):
         growth = rank["rss_peak"] - rank["rss_baseline"]
         assert 0.8 <= growth / plan.total_bytes <= 1.2, (growth, plan.total_bytes)
+
+
+def _hook_ds(name: str) -> dict:
+    hook = {**HOOK, **HOOK_RUNS[name][3]}
+    return {"zero_optimization": {"stage": 2, "reduce_scatter": False}, "bf16": {"enabled": True},
+            "communication_hook": hook}  # fmt: skip
+
+
+@functools.cache
+def hook_run(name: str):
+    nodes, local, accum, _ = HOOK_RUNS[name]
+    spec = {"preset": "dalle-tiny", "ds": _hook_ds(name), "micro_batch": MICRO_BATCH, "grad_accum": accum,
+            "local_size": local}  # fmt: skip
+    layout = Layout(nodes, local, 10**10, MICRO_BATCH, accum)
+    plan = plan_run(DalleConfig.from_name("dalle-tiny"), _hook_ds(name), layout, device_type="cpu")
+    return plan, probe(spec, nodes * local)
+
+
+@pytest.mark.parametrize("name", HOOK_RUNS)
+def test_powersgd_collective_bytes_per_step_are_exact(name):
+    """With the PowerSGD hook each rank's calls move what the plan lists, group by group: the
+    uncompressed part, P and Q over the world (flat) or over the ranks of its ordinal on every node
+    (hierarchical, after the node's reduce-scatter and before its all-gather), then ZeRO-2's gather
+    of the updated partitions."""
+    plan, ranks = hook_run(name)
+    nodes, local = plan.layout.nodes, plan.layout.gpus_per_node
+    world = plan.layout.world
+    for r, rank in enumerate(ranks):
+        members = {"world": tuple(range(world)), "intra": tuple(range(r // local * local, (r // local + 1) * local)),
+                   "inter": tuple(range(r % local, world, local))}  # fmt: skip
+        expected = Counter()
+        for c in plan.collectives:
+            expected[c.op, members[c.group]] += c.payload * c.count
+        assert _recorded(rank) == expected
+    if nodes > 1:
+        intra, inter = _ring_split(ranks[0]["collectives"], gpus_per_node=local)
+        assert math.isclose(plan.inter_node_bytes_per_step, inter, abs_tol=len(plan.collectives))
+        assert math.isclose(plan.intra_node_bytes_per_step, intra, abs_tol=len(plan.collectives))

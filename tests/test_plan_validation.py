@@ -30,6 +30,10 @@ RUNS = {
     "zero2_fp32_2ranks_ckpt": ({"stage": 2}, "fp32", 2, 2, {}, CKPT),
     "zero2_bf16_4ranks_padded": ({"stage": 2}, "bf16", 4, 1, {"d_model": 98, "n_heads": 2}, {}),
     "zero3_bf16_2ranks_persistent": ({"stage": 3}, "bf16", 2, 2, {}, CKPT),
+    "zero3_bf16_2ranks_released_ckpt": (  # no reuse or prefetch window: gathered again in backward
+        {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
+         "stage3_prefetch_bucket_size": 0}, "bf16", 2, 2, {}, CKPT,
+    ),
     "zero3_fp32_4ranks_padded": (
         {"stage": 3, "stage3_param_persistence_threshold": 0}, "fp32", 4, 1, {"d_model": 98, "n_heads": 2}, {}
     ),

@@ -106,7 +106,7 @@ class Partitions:
     persistent: int  # ZeRO-3: elements kept whole on every rank
     persistent_padded: int  # ZeRO-3: those as all-gathered (W x their partitions)
     gathered: int = 0  # ZeRO-3: elements all-gathered per micro batch for forward (W x partitions)
-    regathered: int = 0  # ZeRO-3: those gathered again for backward (released in between)
+    regathered: int = 0  # ZeRO-3: elements gathered again in backward (released after forward)
 
 
 def partitions(shape, e: EngineSettings, W: int) -> Partitions:
@@ -115,16 +115,18 @@ def partitions(shape, e: EngineSettings, W: int) -> Partitions:
         kept = [(p.numel, -(-p.numel // W)) for p in shape.params if p.numel <= e.persistence_threshold]
         shard = sum(per_rank)
         # A parameter stays gathered from its forward to its backward when the elements used in
-        # between (those after it, forward and backward: its reuse distance) are within the limit.
+        # between (those after it, forward and backward) are within the reuse distance or the
+        # prefetch window (a prefetched later use keeps it: partitioned_param_coordinator.py).
         gathered = regathered = 0
-        after = shape.numel
+        after, window = shape.numel, max(e.max_reuse_distance, e.prefetch_bucket)
         for p, n in zip(shape.params, per_rank, strict=True):
             after -= p.numel
             if p.numel <= e.persistence_threshold:
                 continue
             gathered += W * n
-            if 2 * after > e.max_reuse_distance:
-                regathered += W * n
+            if 2 * after >= window:  # released after forward: gathered again for backward (and a
+                # checkpointed block's recomputation)
+                regathered += W * n * (2 if e.checkpointing and p.module.startswith("blocks.") else 1)
         persistent = sum(n for n, _ in kept), W * sum(k for _, k in kept)
         return Partitions(W * shard, shard, (shard,), *persistent, gathered, regathered)
     align = ALIGNMENT * W if e.stage in (1, 2) else 1
@@ -186,9 +188,10 @@ def _collectives(e: EngineSettings, part: Partitions, P: int, W: int) -> list[Co
     """DeepSpeed's gradient reduction and parameter gathering per optimizer step (no hook). ZeRO 1/2
     all-reduce the gradient buckets (DeepSpeed 0.19.8's ``use_multi_rank_bucket_allreduce``, also with
     ``reduce_scatter: true``): every micro batch at ZeRO-2, at the boundary at ZeRO-1; then gather the
-    updated partitions. ZeRO-3 gathers each parameter for forward and again for backward where its
-    reuse distance exceeds ``stage3_max_reuse_distance``, kept (persistent) ones once after the step,
-    and reduce-scatters the gradients every micro batch.
+    updated partitions. ZeRO-3 gathers each parameter for forward and again for backward where the
+    elements used in between exceed both ``stage3_max_reuse_distance`` and the prefetch bucket (small
+    models keep everything gathered), kept (persistent) ones once after the step, and reduce-scatters
+    the gradients every micro batch.
     Scalars (the gradient norm, overflow flags: under 16 bytes a step) are left out."""
     if W == 1:
         return []

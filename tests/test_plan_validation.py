@@ -28,6 +28,7 @@ CKPT = {"activation_checkpointing": {"partition_activations": False}}
 RUNS = {
     "zero1_bf16_2ranks": ({"stage": 1}, "bf16", 2, 2, {}, {}),
     "zero2_fp32_2ranks_ckpt": ({"stage": 2}, "fp32", 2, 2, {}, CKPT),
+    "zero2_fp16_2ranks": ({"stage": 2}, "fp16", 2, 2, {}, {}),
     "zero2_bf16_4ranks_padded": ({"stage": 2}, "bf16", 4, 1, {"d_model": 98, "n_heads": 2}, {}),
     "zero3_bf16_2ranks_persistent": ({"stage": 3}, "bf16", 2, 2, {}, CKPT),
     "zero3_bf16_2ranks_released_ckpt": (  # no reuse or prefetch window: gathered again in backward
@@ -58,7 +59,8 @@ SCALAR = 16  # bytes: the gradient norm and overflow flags DeepSpeed all-reduces
 
 def _ds(name: str) -> dict:
     zero, precision, _, _, _, extra = RUNS[name]
-    return {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"}, **extra}
+    fp16 = {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 8}
+    return {"zero_optimization": zero, "bf16": {"enabled": precision == "bf16"}, "fp16": fp16, **extra}
 
 
 @functools.cache
@@ -72,7 +74,8 @@ def measured(name: str) -> list[dict]:
 
 def probe(spec: dict, ranks: int) -> list[dict]:
     out = tempfile.mkdtemp(prefix="plan_probe")
-    proc = spawn_ranks(ROOT / "tests" / "plan_probe.py", [json.dumps(spec), out], ranks, _env(), 300)
+    env = _env(fp16_on_cpu=True)  # DeepSpeed's fp16 capability check, patched in the ranks (the math runs)
+    proc = spawn_ranks(ROOT / "tests" / "plan_probe.py", [json.dumps(spec), out], ranks, env, 300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(ranks)]
 

@@ -237,27 +237,32 @@ def main(spec: dict, out_dir: str) -> None:
         f.write("5")
     grads = {"at_reduce": 0, "at_step": 0, "ipg_bucket": 0}
 
-    def before_inner_step(optimizer, args, kwargs):
+    def gradient_storages(*extra) -> int:
+        """Gradient bytes held outside the reduce buckets: the model's .grad (and ZeRO-1's
+        .grad_accum), the reduced partitions and ``extra``."""
         seen: dict = {}
+        _distinct([b.buffer for b in zero_opt.ipg_buckets.values()], seen)
         partitions = [zero_opt.grad_partitions_flat_buffer] if stage == 3 else zero_opt.averaged_gradients
         held = _distinct([partitions, getattr(zero_opt, "grads_in_partition", None)], seen)
-        held += _distinct((p.grad for p in engine.module.parameters()), seen)
-        held += _distinct((p.grad for g in optimizer.param_groups for p in g["params"]), seen)
-        grads["at_step"] = max(grads["at_step"], held)
+        params = list(engine.module.parameters())
+        held += _distinct((p.grad for p in params), seen)
+        held += _distinct((getattr(p, "grad_accum", None) for p in params), seen)
+        return held + _distinct(extra, seen)
+
+    def before_inner_step(optimizer, args, kwargs):
+        fp32 = [p.grad for g in optimizer.param_groups for p in g["params"]]
+        grads["at_step"] = max(grads["at_step"], gradient_storages(fp32))
 
     zero_opt.optimizer.register_step_pre_hook(before_inner_step)
     reduce_name = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads" if stage == 3 else "reduce_ipg_grads"
     reduce = getattr(zero_opt, reduce_name)
 
-    def measuring_reduce(*args, **kwargs):
-        buckets = [b.buffer for b in zero_opt.ipg_buckets.values()]
-        grads["ipg_bucket"] = max(grads["ipg_bucket"], _distinct(buckets))
-        seen = {}
-        _distinct(buckets, seen)
-        held = _distinct((p.grad for p in engine.module.parameters()), seen)
-        held += _distinct([zero_opt.grad_partitions_flat_buffer] if stage == 3 else zero_opt.averaged_gradients, seen)
-        grads["at_reduce"] = max(grads["at_reduce"], held)
-        return reduce(*args, **kwargs)
+    def measuring_reduce(*args, **kwargs):  # as a bucket's reduction starts and ends
+        grads["ipg_bucket"] = max(grads["ipg_bucket"], _distinct([b.buffer for b in zero_opt.ipg_buckets.values()]))
+        grads["at_reduce"] = max(grads["at_reduce"], gradient_storages())
+        out = reduce(*args, **kwargs)
+        grads["at_reduce"] = max(grads["at_reduce"], gradient_storages())
+        return out
 
     setattr(zero_opt, reduce_name, measuring_reduce)
     g = torch.Generator().manual_seed(rank)

@@ -142,8 +142,8 @@ def _model_states(e: EngineSettings, part: Partitions, P: int, device_type: str)
 
     ``weights_16bit`` is the working copy forward and backward read: 16-bit, or fp32 in an fp32 run
     (ZeRO 1/2 keep it whole beside the fp32 master partition). Backward holds the reduced partition in
-    the parameters' dtype (ZeRO-1: every gradient until the boundary); unreduced gradients live in the
-    reduce bucket. The step adds the fp32 copies the optimizer reads. ``optimizer_temporaries``:
+    the parameters' dtype; unreduced gradients live in the reduce bucket (ZeRO-1: those beyond one
+    bucket wait for the boundary). The step adds the fp32 copies the optimizer reads. ``optimizer_temporaries``:
     what torch's AdamW allocates while it steps the largest group: ``sqrt(exp_avg_sq)`` and its
     quotient on the CPU (single-tensor path), one ``_foreach_sqrt`` result on a GPU (foreach path)."""
     mixed = e.precision != "fp32"
@@ -156,9 +156,9 @@ def _model_states(e: EngineSettings, part: Partitions, P: int, device_type: str)
         weights16, weights32, opt = g * part.padded, 4 * shard, 8 * shard
         if e.stage == 3:
             weights16 = g * (shard + part.persistent)
-        # ZeRO-1 keeps every gradient until the boundary; ZeRO 2/3 copy them into the reduce bucket
-        # (comm_buckets) as they arrive and keep the reduced partition.
-        backward = g * P if e.stage == 1 else g * shard
+        # Gradients are copied into the reduce bucket (comm_buckets) as they arrive, and the reduced
+        # partition is kept; ZeRO-1 reduces at the boundary only, so those beyond one bucket wait.
+        backward = g * shard + (g * max(0, P - e.reduce_bucket) if e.stage == 1 else 0)
         step = g * shard + (0 if e.offload_optimizer else 4 * shard)
     temporaries = (2 if device_type == "cpu" else 1) * 4 * max(part.group_shards)
     if e.offload_optimizer:  # fp32 master, its gradients and the moments live on the host

@@ -4,8 +4,13 @@
 node, GPU memory, micro batch, accumulation) and returns a :class:`RunPlan`. Nothing is allocated:
 the model is built on the meta device (:mod:`.model_shape`), activations are what autograd saves in
 a meta forward, and model states, buckets and collectives follow what DeepSpeed 0.19.8 allocates and
-issues for the stage and precision (tests check each against a real run). Terms the CPU cannot
-confirm (GPU kernels' temporaries, the CUDA context) are marked as estimates.
+issues for the stage and precision. The peak is the persistent states plus the larger of two phases
+that never overlap: forward and backward, and the optimizer step.
+
+tests/test_plan_validation.py compares each term with real runs on 2 and 4 CPU ranks (states,
+buckets, activations and collective bytes exactly; gradients within a parameter's gradient; the
+total within 20% of the peak RSS). Terms a CPU run cannot confirm (GPU kernels' temporaries,
+ZeRO-3's parameters in flight, the CUDA context) are marked as estimates.
 """
 
 from __future__ import annotations

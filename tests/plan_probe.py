@@ -2,11 +2,13 @@
 predicts, measured (tests/test_plan_validation.py starts it on 2 or 4 forked ranks).
 
 ``plan_probe.py --local_rank=R SPEC_JSON OUT_DIR`` writes ``OUT_DIR/rank<R>.json`` with
-- ``states``: bytes of the tensors DeepSpeed holds after two optimizer steps (the 16-bit flat groups
-  or ZeRO-3 partitions, the fp32 master partitions, Adam's moments, the gradient partitions and the
-  reduce bucket) and ``step_grads``: the fp32 gradients the inner optimizer reads when it steps;
+- ``states``: bytes of the buffers DeepSpeed holds after two optimizer steps (the 16-bit flat groups
+  or ZeRO-3 partitions and persistent parameters, the fp32 master partitions, Adam's moments);
+- ``gradients``: the gradient storages held outside the reduce buckets as a bucket's reduction
+  starts and ends (``at_reduce``) and as the inner optimizer steps (``at_step``), and the reduce
+  buckets' bytes (``ipg_bucket``); storages are counted whole (a view keeps its storage alive);
 - ``saved``: peak bytes autograd holds for backward during the second step's first micro batch
-  (unique storages, parameters excluded), with and without activation checkpointing;
+  (unique storages, parameters excluded, DeepSpeed's checkpointed block inputs included);
 - ``collectives``: every torch.distributed call (DeepSpeed's included) between the end of the first
   optimizer step and the end of the second: op, the group's ranks, payload bytes as the planner
   counts them (an all-reduce's or reduce's tensor, a reduce-scatter's input, an all-gather's output);
@@ -146,10 +148,6 @@ class _Holder:
 
     def __init__(self, t):
         self.t = t
-
-
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _flat(value):

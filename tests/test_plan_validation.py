@@ -1,8 +1,11 @@
 """The dry run (dalle_ds/planning) against real runs of a tiny DALL-E under DeepSpeed on 2 and 4
-ranks (tests/plan_probe.py measures them): model-state and activation bytes exactly, gradients of
-both phases (ZeRO-3 exactly, ZeRO 1/2 within 5%), every collective's bytes per optimizer step
-exactly (DeepSpeed's and the PowerSGD hook's, flat and hierarchical), the intra/inter-node split
-of a faked two-node layout under the ring model, and the total against a run's peak RSS."""
+ranks (tests/plan_probe.py measures them; ZeRO 1/2/3, fp32/bf16/fp16, checkpointing on and off):
+model-state, bucket and activation bytes exactly, gradients of both phases (ZeRO-3 exactly, ZeRO
+1/2 within the gradients of the two parameters straddling a partition's ends), every collective's
+bytes per optimizer step exactly (DeepSpeed's and the PowerSGD hook's, flat and hierarchical), the
+intra/inter-node split of a faked two-node layout under the ring model, torch's MemTracker
+categories, and the total against a run's peak RSS (within 20%).
+``python tests/plan_validation_table.py`` prints the comparison as a table."""
 
 import functools
 import json

@@ -2,7 +2,7 @@
 """PowerSGD benchmarks: bytes and compression time at the paper's shapes, memory, convergence.
 
     python scripts/bench_powersgd.py [--blocks 1] [--batch 1] [--gpus-per-node 8] [--rounds 3]
-    python scripts/bench_powersgd.py --mode memory [--d-model 768] [--layers 8] [--steps 3] [--repeats 3]
+    python scripts/bench_powersgd.py --mode memory [--d-model 768] [--layers 8] [--steps 3] [--repeats 3] [--bucket 5e6]
     python scripts/bench_powersgd.py --mode convergence [--seeds 0,1,2] [--steps 40]
 
 bytes (default): builds `--blocks` residual blocks of the `dalle-12b` preset (d_model 3968, 62
@@ -19,8 +19,8 @@ the same tensors (the shard, in the paper's layout) in 16 bits (the paper's mixe
 gradients) and in fp32.
 
 memory: the DALL-E trainer (dalle-small's shapes at `--d-model` / `--layers`) on 2 CPU ranks, bf16,
-ZeRO-2 with 5M-element buckets, without the hook and with flat PowerSGD (rank 4 from step 0) keeping
-fp32 and bf16 residuals: the largest peak RSS of any rank (median of `--repeats` runs, with glibc's
+ZeRO-2 with `--bucket`-element buckets (5e6), without the hook and with flat PowerSGD (rank 4 from
+step 0) keeping fp32 and bf16 residuals: the largest peak RSS of any rank (median of `--repeats` runs, with glibc's
 mmap threshold fixed so that RSS follows live tensors), and its growth per compressed parameter.
 
 convergence: dalle-tiny on 2 CPU ranks (fp32, ZeRO-2), rank-4 PowerSGD from step 10 with fp32 and
@@ -96,9 +96,11 @@ def memory_mode(args) -> None:
         tmp = Path(tmp)
         save_config(config, tmp / "model.yaml")
         dvae = dvae_for(config, tmp)
-        peaks = memory_runs(tmp, TRAIN, tmp / "model.yaml", dvae, hooks, args.steps, args.mbs, args.repeats)
+        run = (args.steps, args.mbs, args.repeats, int(args.bucket))
+        peaks = memory_runs(tmp, TRAIN, tmp / "model.yaml", dvae, hooks, *run)
     print(f"d_model {args.d_model}, {args.layers} layers: {params / 1e6:.1f}M parameters, {compressed / 1e6:.1f}M")
-    print(f"compressed; bf16, ZeRO-2, 5e6-element buckets, 2 ranks, micro batch {args.mbs}, {args.steps} steps;")
+    print(f"compressed; bf16, ZeRO-2, {args.bucket:.0e}-element buckets, 2 ranks, micro batch {args.mbs}, ", end="")
+    print(f"{args.steps} steps;")
     print(f"peak RSS: the largest of any rank, median of {args.repeats} runs, malloc's mmap threshold at 1 MiB")
     print()
     print("| setting | peak RSS MiB | vs off MiB | bytes / compressed parameter |")
@@ -148,6 +150,7 @@ def main() -> None:
     p.add_argument("--mbs", type=int, default=None, help="micro batch per rank (memory: 1, convergence: 4)")
     p.add_argument("--seeds", default="0,1,2", help="convergence: the seeds")
     p.add_argument("--repeats", type=int, default=3, help="memory: runs per setting (the median is printed)")
+    p.add_argument("--bucket", type=float, default=5e6, help="memory: reduce_bucket_size (elements)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

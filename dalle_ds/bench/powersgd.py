@@ -38,7 +38,7 @@ __all__ = [
     "train_rows",
 ]
 
-# The memory runs' engine: bf16, ZeRO-2 with 5M-element buckets, the hook's bucket path on.
+# The memory runs' engine: bf16, ZeRO-2 (5M-element buckets by default), the hook's bucket path on.
 MEMORY_DS_CONFIG = {
     "train_batch_size": "auto",
     "train_micro_batch_size_per_gpu": "auto",
@@ -155,15 +155,17 @@ def train_rows(
 
 
 def memory_runs(
-    tmp: Path, train_script: Path, preset, dvae, hooks: dict, steps: int, mbs: int, repeats: int = 1
+    tmp: Path, train_script: Path, preset, dvae, hooks: dict, steps: int, mbs: int, repeats: int = 1, bucket=5_000_000
 ) -> dict[str, float]:
     """Largest peak RSS (MiB) of any rank per setting, the median of ``repeats`` runs (settings
     interleaved, malloc's mmap threshold fixed: :data:`FIXED_MALLOC`): ``hooks`` maps a name to a
-    ``communication_hook`` section, or None for DeepSpeed's own reduction."""
+    ``communication_hook`` section, or None for DeepSpeed's own reduction. ``bucket``: elements per
+    gradient bucket (``reduce_bucket_size``)."""
     peaks: dict[str, list[float]] = {name: [] for name in hooks}
     for repeat in range(repeats):
         for name, hook in hooks.items():
-            cfg = {**MEMORY_DS_CONFIG, **({"communication_hook": hook} if hook else {})}
+            zero = {**MEMORY_DS_CONFIG["zero_optimization"], "reduce_bucket_size": bucket}
+            cfg = {**MEMORY_DS_CONFIG, "zero_optimization": zero, **({"communication_hook": hook} if hook else {})}
             run = f"{name.replace(' ', '_').replace(',', '')}_{repeat}"
             rows = train_rows(tmp, run, cfg, train_script, preset, dvae, steps, mbs, env=FIXED_MALLOC)
             peaks[name].append(max(r["peak_rss_mb"] for r in rows))

@@ -30,6 +30,7 @@ __all__ = ["CUDA_CONTEXT_BYTES", "HOST_BASE_BYTES", "Partitions", "RunPlan", "pa
 CUDA_CONTEXT_BYTES = 1 << 30  # estimate: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers per GPU
 HOST_BASE_BYTES = 3 << 30  # estimate: a rank's Python, torch and CUDA libraries in host memory
 ESTIMATES = ("attention_temporaries", "gathered_parameters", "cuda_context")
+GPU_ESTIMATES = ("optimizer_temporaries",)  # measured on the CPU path; the GPU's foreach path read in torch
 BACKWARD_PHASE = (
     "activations", "logits_and_loss", "attention_temporaries", "gathered_parameters", "powersgd_in_flight"
 )  # fmt: skip
@@ -293,7 +294,7 @@ def plan_run(
         intra_node_bytes_per_step=intra,
         inter_node_bytes_per_step=inter,
         inter_node_bytes_without_hook=without_hook,
-        estimates=tuple(k for k in ESTIMATES if k in comps),
+        estimates=tuple(k for k in ESTIMATES if k in comps) + (() if device_type == "cpu" else GPU_ESTIMATES),
         notes=notes,
         deepspeed_estimate=ds_estimate,
     )

@@ -40,12 +40,14 @@ def rows():
         if plan.layout.nodes > 1:
             intra, inter = t._ring_split(ranks[0]["collectives"], plan.layout.gpus_per_node)
             yield name, "inter-node bytes sent / step", plan.inter_node_bytes_per_step, round(inter)
-    spec = t.RSS_RUN
-    config = DalleConfig.from_name(spec["preset"], **spec["overrides"])
-    layout = Layout(1, 2, 10**10, spec["micro_batch"], spec["grad_accum"])
-    plan = plan_run(config, spec["ds"], layout, device_type="cpu")
-    rank = t.probe(spec, 2)[0]
-    yield "zero2_fp32_2ranks_25M", "total vs peak RSS growth", plan.total_bytes, rank["rss_peak"] - rank["rss_baseline"]
+    for stage in (1, 2):
+        spec = {**t.RSS_RUN, "ds": {"zero_optimization": {**t.RSS_RUN["ds"]["zero_optimization"], "stage": stage}}}
+        config = DalleConfig.from_name(spec["preset"], **spec["overrides"])
+        layout = Layout(1, 2, 10**10, spec["micro_batch"], spec["grad_accum"])
+        plan = plan_run(config, spec["ds"], layout, device_type="cpu")
+        rank = t.probe(spec, 2)[0]
+        growth = rank["rss_peak"] - rank["rss_baseline"]
+        yield f"zero{stage}_fp32_2ranks_25M", "total vs peak RSS growth", plan.total_bytes, growth
 
 
 def main():

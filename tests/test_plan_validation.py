@@ -43,7 +43,7 @@ RUNS = {
     ),
 }  # fmt: skip
 MICRO_BATCH = 2
-# Hundreds of MB of model states and activations (25M parameters), a reduce bucket smaller than the model.
+# Hundreds of MB of model states and activations (25M parameters), reduce buckets smaller than the model.
 RSS_RUN = {
     "preset": "dalle-tiny", "overrides": {"d_model": 512, "n_layers": 8, "n_heads": 8},
     "ds": {"zero_optimization": {"stage": 2, "reduce_bucket_size": 10**6}}, "micro_batch": 4, "grad_accum": 1,
@@ -228,16 +228,19 @@ def test_two_node_split_matches_the_recorded_groups(name):
     assert (plan.intra_node_bytes_per_step, plan.inter_node_bytes_per_step) == bytes_sent(plan.collectives, 2, 2)
 
 
-def test_total_is_the_peak_rss_growth_within_20_percent():
-    """A 25M-parameter model, ZeRO-2 fp32 on 2 ranks: the plan's total per rank (device_type 'cpu':
-    no CUDA context) against the rank's peak RSS while training over its RSS before the model
-    existed (Python, torch and DeepSpeed are not in the plan). The probe fixes glibc's mmap threshold
-    so that freed tensors leave the RSS, as freed GPU memory leaves the allocated bytes."""
-    config = DalleConfig.from_name(RSS_RUN["preset"], **RSS_RUN["overrides"])
-    layout = Layout(1, 2, 10**10, RSS_RUN["micro_batch"], RSS_RUN["grad_accum"])
-    plan = plan_run(config, RSS_RUN["ds"], layout, device_type="cpu")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_total_is_the_peak_rss_growth_within_20_percent(stage):
+    """A 25M-parameter model, ZeRO 1 and 2 in fp32 on 2 ranks: the plan's total per rank
+    (device_type 'cpu': no CUDA context) against the rank's peak RSS while training over its RSS
+    before the model existed (Python, torch and DeepSpeed are not in the plan). The probe fixes
+    glibc's mmap threshold so that freed tensors leave the RSS, as freed GPU memory leaves the
+    allocated bytes. (Measured: ZeRO-1 2% and ZeRO-2 10% above the plan.)"""
+    spec = {**RSS_RUN, "ds": {"zero_optimization": {**RSS_RUN["ds"]["zero_optimization"], "stage": stage}}}
+    config = DalleConfig.from_name(spec["preset"], **spec["overrides"])
+    layout = Layout(1, 2, 10**10, spec["micro_batch"], spec["grad_accum"])
+    plan = plan_run(config, spec["ds"], layout, device_type="cpu")
     assert plan.components["cuda_context"] == 0 and plan.total_bytes > 100 * 2**20
-    for rank in probe(RSS_RUN, 2):
+    for rank in probe(spec, 2):
         growth = rank["rss_peak"] - rank["rss_baseline"]
         assert 0.8 <= growth / plan.total_bytes <= 1.2, (growth, plan.total_bytes)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 from launching import ds_config, shipped_config, spawn_ranks, train_args
 
-from dalle_ds.models.config import load_config
+from dalle_ds.models.config import DalleConfig, load_config
 from dalle_ds.models.dalle import DALLE
 from dalle_ds.models.init import materialise, meta_modules
 
@@ -112,3 +112,14 @@ def test_meta_construction_holds_one_module_of_fp32_values_not_the_model():
     overhead = after["growth"] - after["model"]  # construction beyond the weights themselves
     assert overhead < 0.25 * before["growth"], (before, after)
     assert overhead < 2 * after["largest_module"], after  # the scratch of one module's fp32 values
+
+
+def test_a_model_built_under_zero_init_asks_for_the_gathered_init(single_process_group):
+    """zero.Init partitions each module as it is built, so an eager init would write nothing: the
+    constructor refuses, naming the path that initialises (init_weights with gathered modules)."""
+    import deepspeed
+
+    with pytest.raises(ValueError, match="initialise=False"):
+        with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                     "zero_optimization": {"stage": 3}}):  # fmt: skip
+            DALLE(DalleConfig.from_name("dalle-tiny", n_layers=2))

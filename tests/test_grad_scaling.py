@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 
 from dalle_ds import DALLE, DalleConfig
 from dalle_ds.bench.grad_scaling.fidelity import segment_of  # the parameter -> res block map the benchmark uses
+from dalle_ds.distributed import ds_adapter
 from dalle_ds.training.grad_scaling import (
     GradScalingConfigError,
     GradScalingError,
@@ -512,7 +513,8 @@ def test_deepspeed_zero_engine_skips_and_applies_steps(single_process_group, sta
     torch.manual_seed(0)
     if stage == "3-zero-init":
         with deepspeed.zero.Init(config_dict_or_path=config):
-            model = tiny(2)
+            model = DALLE(DalleConfig.from_name("dalle-tiny", n_layers=2), initialise=False)
+        model.init_weights(around=lambda m: ds_adapter.gathered(list(m.parameters(recurse=False)), modifier_rank=0))
         for param in model.external_parameters():
             deepspeed.zero.register_external_parameter(model, param)
     else:

@@ -140,6 +140,10 @@ class DALLE(nn.Module):
             if not c.tie_embeddings:
                 self.text_head = nn.Linear(c.d_model, c.text_vocab_with_pad, bias=False)
                 self.image_head = nn.Linear(c.d_model, c.image_vocab_size, bias=False)
+        if initialise and hasattr(self.text_emb.weight, "ds_id"):  # partitioned as built (deepspeed.zero.Init)
+            raise ValueError("DALLE built under deepspeed.zero.Init: its parameters are partitioned; pass "
+                             "initialise=False and call init_weights(around=...) with each module's parameters "
+                             "gathered, as DalleTrainer does")
         if initialise and not self.text_emb.weight.is_meta:
             self.init_weights()
         self.dvae = None

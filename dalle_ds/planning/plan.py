@@ -282,7 +282,7 @@ def plan_run(
     intra, inter = bytes_sent(collectives, layout.nodes, layout.gpus_per_node)
     if without_hook is None:
         without_hook = inter
-    host_start = HOST_BASE_BYTES + _host_construction(e, shape, dvae)
+    host_start = HOST_BASE_BYTES + _host_construction(shape, dvae)
     host_steady = HOST_BASE_BYTES + (16 * -(-P // W) if e.offload_optimizer else 0)
     if e.checkpointing and e.cpu_checkpointing:
         host_steady += sum(trace.block_inputs)
@@ -324,11 +324,12 @@ def _attention_temporaries(config: DalleConfig, e: EngineSettings, impl: str) ->
     return B * H * q_tile * max(k_tile, config.text_len + g * config.block_rows * 2) * 4 * 2
 
 
-def _host_construction(e: EngineSettings, shape, dvae: DVAEConfig | None) -> int:
+def _host_construction(shape, dvae: DVAEConfig | None) -> int:
     """Host bytes the model's construction needs per rank: ZeRO 0-2 build on the meta device and
-    materialise one module at a time (its fp32 weights on the host); ZeRO-3 builds partitioned on the
-    device. The frozen dVAE is loaded on the host in fp32 before it moves to the device."""
-    build = 0 if e.stage == 3 else 4 * shape.largest_module_numel
+    materialise one module at a time, ZeRO-3 builds partitioned and initialises one gathered module at
+    a time; either way each module's values are drawn in fp32 on the host first. The frozen dVAE is
+    loaded on the host in fp32 before it moves to the device."""
+    build = 4 * shape.largest_module_numel
     return build + (dvae_param_count(dvae) * 4 if dvae is not None else 0)
 
 

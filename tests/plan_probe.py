@@ -281,6 +281,9 @@ def main(spec: dict, out_dir: str) -> None:
         "states": _state_bytes(zero_opt, stage),
         "gradients": grads,
         "saved": saved.peak,
+        # ZeRO-3's F.linear replacement (installed by the first zero.Init of a process, when it finds
+        # torch's own linear there) saves the head's input differently: which one ran
+        "zero3_linear": torch.nn.functional.linear.__name__ != "linear",
         "collectives": RECORD["calls"],
         "rss_baseline": rss_baseline,
         "rss_built": rss_built,

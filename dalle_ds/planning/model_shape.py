@@ -121,12 +121,14 @@ class ActivationTrace:
 
 @contextlib.contextmanager
 def _fused_attention() -> Iterator[None]:
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _fused_sdpa
+    """Attention as fused kernels save it, and torch's own ``F.linear``: DeepSpeed's first
+    ``zero.Init`` in a process replaces it for good, and the trace must not depend on whether one ran."""
+    original, linear = F.scaled_dot_product_attention, F.linear
+    F.scaled_dot_product_attention, F.linear = _fused_sdpa, torch._C._nn.linear
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, F.linear = original, linear
 
 
 class _FusedAttention(torch.autograd.Function):

@@ -74,6 +74,13 @@ def test_inconsistent_batch_and_offload_settings_are_refused(tmp_path):
     zero3 = {**hook, "zero_optimization": {"stage": 3}}
     with pytest.raises(PlanError, match="stage=3"):
         plan_run(config, zero3, Layout(2, 8, parse_bytes("80GB"), 1))
+    # bf16 at ZeRO-1: DeepSpeed's ZeRO optimizer (buckets to hook) unless gradients accumulate in fp32,
+    # when it picks BF16_Optimizer
+    zero1 = {**hook, "fp16": {"enabled": False}, "bf16": {"enabled": True},
+             "zero_optimization": {**hook["zero_optimization"], "stage": 1}}  # fmt: skip
+    assert plan_run(config, zero1, Layout(2, 8, parse_bytes("80GB"), 1)).engine.stage == 1
+    with pytest.raises(PlanError, match="grad_accum_dtype"):
+        plan_run(config, {**zero1, "data_types": {"grad_accum_dtype": "fp32"}}, Layout(2, 8, parse_bytes("80GB"), 1))
 
 
 def test_sizes_parse_in_decimal_and_binary_units():

@@ -274,3 +274,36 @@ def test_fp16_loss_scale_changes_do_not_change_the_update_and_overflows_are_skip
     assert out[1][3] and out[1][4]  # rank 0 had finite input: it saw the overflows through the reduce
     torch.testing.assert_close(after, twin, rtol=0, atol=0)
     assert raised and out[1][8]  # on both ranks: the reduced P is non-finite everywhere
+
+
+@pytest.mark.parametrize("grad_accum_dtype", [None, "fp32"])
+def test_bf16_at_zero1_hooks_the_zero_optimizer_unless_gradients_accumulate_in_fp32(
+    single_process_group, grad_accum_dtype
+):
+    """DeepSpeed 0.19.8 gives bf16 at ZeRO-1 its bucketed ZeRO optimizer, which the hook takes over
+    (compressing, bf16 residuals); only with fp32 gradient accumulation does it pick BF16_Optimizer,
+    which has no buckets: refused, naming the setting."""
+    from dalle_ds import DALLE, DalleConfig
+    from dalle_ds.distributed import ds_adapter
+
+    torch.manual_seed(0)
+    model = DALLE(DalleConfig.from_name("dalle-tiny", n_layers=2))
+    section = {"type": "powersgd", "rank": 2, "start_iter": 0, "min_compression_rate": 1.0}
+    raw = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1, "reduce_scatter": False}}
+    if grad_accum_dtype:
+        raw["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
+    ds = prepare_ds_config(raw, world_size=1, micro_batch_size=2, gradient_accumulation_steps=1)
+    engine, _, _ = ds_adapter.build_engine(model, ds, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    hook = build_comm_hook(section)
+    if grad_accum_dtype:
+        with pytest.raises(CommHookError, match="grad_accum_dtype"):
+            ds_adapter.attach_comm_hook(engine, hook)
+        return
+    ds_adapter.attach_comm_hook(engine, hook)
+    g = torch.Generator().manual_seed(1)
+    text, codes = torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 128, (2, 64), generator=g)
+    ds_adapter.backward(engine, engine(text, image_codes=codes).loss)
+    engine.step()
+    hook.step()
+    assert hook.bytes_by_kind["P"] > 0 and hook.bytes_by_kind["Q"] > 0
+    assert {e.dtype for e in hook.errors.values()} == {torch.bfloat16}

@@ -123,7 +123,7 @@ class EngineSettings:
         ac = raw.get("activation_checkpointing")
         hook = raw.get("communication_hook")
         if hook:
-            _check_hook(hook, stage, precision, source)
+            _check_hook(hook, stage, precision, source, _bf16_optimizer(ds, stage, precision, off_opt))
         return cls(
             stage=stage,
             precision=precision,
@@ -146,11 +146,18 @@ class EngineSettings:
         )
 
 
-def _check_hook(hook: dict, stage: int, precision: str, source: str) -> None:
+def _bf16_optimizer(ds: dict, stage: int, precision: str, offload: bool) -> bool:
+    """Whether DeepSpeed 0.19.8 wraps the optimizer in its BF16_Optimizer (no gradient buckets):
+    bf16 at ZeRO-1 without offload when gradients accumulate in fp32 (``data_types.grad_accum_dtype``)."""
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    return stage == 1 and precision == "bf16" and not offload and accum in ("fp32", "float32", "float")
+
+
+def _check_hook(hook: dict, stage: int, precision: str, source: str, bf16_optimizer: bool) -> None:
     """The communication-hook combinations the trainer refuses (beyond those ``prepare_ds_config``
     refuses), refused here before anyone rents GPUs."""
     if hook.get("type") != "powersgd":
         raise PlanError(f"{source}: communication_hook.type={hook.get('type')!r}: the planner knows 'powersgd'")
-    if stage == 1 and precision == "bf16":
-        raise PlanError(f"{source}: communication_hook with bf16 at ZeRO stage 1 "
-                        "(DeepSpeed's BF16_Optimizer) is not supported")
+    if bf16_optimizer:
+        raise PlanError(f"{source}: communication_hook with bf16 at ZeRO stage 1 and data_types.grad_accum_dtype "
+                        "fp32 (DeepSpeed's BF16_Optimizer has no gradient buckets to hook) is not supported")

@@ -99,7 +99,8 @@ def attach_comm_hook(engine, hook) -> None:
     if not all(hasattr(opt, name) for name in ("gradient_reduction_w_predivide", "ipg_buckets", "bit16_groups")):
         raise CommHookError(
             f"communication_hook: the engine's optimizer {type(opt).__name__} does not reduce gradients in "
-            f"buckets (DeepSpeed picks BF16_Optimizer for bf16 at ZeRO stage 1); use ZeRO stage 0 or 2"
+            f"buckets (DeepSpeed picks BF16_Optimizer for bf16 at ZeRO stage 1 with data_types.grad_accum_dtype "
+            f"fp32); use ZeRO stage 0 or 2, or accumulate gradients in bf16"
         )
     if getattr(opt, "reduce_scatter", False):
         raise CommHookError("communication_hook with ZeRO 1/2 needs zero_optimization.reduce_scatter=false")

@@ -13,7 +13,9 @@ predicts, measured (tests/test_plan_validation.py starts it on 2 or 4 forked ran
   optimizer step and the end of the second: op, the group's ranks, payload bytes as the planner
   counts them (an all-reduce's or reduce's tensor, a reduce-scatter's input, an all-gather's output);
 - ``rss_baseline`` / ``rss_peak``: the process's RSS before the model existed and its peak while
-  training (``rss_built``, ``rss_build_peak``: after and during the engine's construction).
+  training (``rss_built``, ``rss_build_peak``: after and during the engine's construction);
+  ``rss_file_baseline`` / ``rss_file_end``: the file-backed part of the RSS (library code the run
+  faults in) then and after training.
 
 SPEC_JSON: {"preset", "overrides", "ds" (DeepSpeed JSON, ``communication_hook`` included), "micro_batch",
 "grad_accum", "local_size" (ranks per faked node, for hierarchical PowerSGD)}.
@@ -207,7 +209,7 @@ def main(spec: dict, out_dir: str) -> None:
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
         f.write("5")
-    rss_baseline = _rss("VmRSS")
+    rss_baseline, rss_file_baseline = _rss("VmRSS"), _rss("RssFile")
     _install_recorder()
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -289,6 +291,8 @@ def main(spec: dict, out_dir: str) -> None:
         "rss_built": rss_built,
         "rss_build_peak": rss_build_peak,
         "rss_peak": _rss("VmHWM"),
+        "rss_file_baseline": rss_file_baseline,
+        "rss_file_end": _rss("RssFile"),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -46,8 +46,7 @@ def rows():
         layout = Layout(1, 2, 10**10, spec["micro_batch"], spec["grad_accum"])
         plan = plan_run(config, spec["ds"], layout, device_type="cpu")
         rank = t.probe(spec, 2)[0]
-        growth = rank["rss_peak"] - rank["rss_baseline"]
-        yield f"zero{stage}_fp32_2ranks_25M", "total vs peak RSS growth", plan.total_bytes, growth
+        yield f"zero{stage}_fp32_2ranks_25M", "total vs peak memory growth", plan.total_bytes, t.memory_growth(rank)
 
 
 def main():

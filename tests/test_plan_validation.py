@@ -4,7 +4,7 @@ model-state, bucket and activation bytes exactly, gradients of both phases (ZeRO
 1/2 within the gradients of the two parameters straddling a partition's ends), every collective's
 bytes per optimizer step exactly (DeepSpeed's and the PowerSGD hook's, flat and hierarchical), the
 intra/inter-node split of a faked two-node layout under the ring model, torch's MemTracker
-categories, and the total against a run's peak RSS (within 20%).
+categories, and the total against a run's peak memory growth (within 20%).
 ``python tests/plan_validation_table.py`` prints the comparison as a table."""
 
 import functools
@@ -229,21 +229,31 @@ def test_two_node_split_matches_the_recorded_groups(name):
     assert (plan.intra_node_bytes_per_step, plan.inter_node_bytes_per_step) == bytes_sent(plan.collectives, 2, 2)
 
 
+def memory_growth(rank: dict) -> int:
+    """A probe rank's peak RSS while training over its RSS before the model existed, less the
+    file-backed pages (library code) the run faulted in meanwhile: 38 MiB on this project's AMD
+    machines, more where the CPU takes other kernels' code, and no part of what a GPU allocates.
+    They stop growing after the first optimizer step (a 0.2 ms sampler of /proc/self/statm found
+    none after it), so at the second step's peak they are the ones counted at the end."""
+    files = rank["rss_file_end"] - rank["rss_file_baseline"]
+    return rank["rss_peak"] - rank["rss_baseline"] - files
+
+
 @pytest.mark.parametrize("stage", [1, 2])
-def test_total_is_the_peak_rss_growth_within_20_percent(stage):
+def test_total_is_the_peak_memory_growth_within_20_percent(stage):
     """A 25M-parameter model, ZeRO 1 and 2 in fp32 on 2 ranks: the plan's total per rank
-    (device_type 'cpu': no CUDA context) against the rank's peak RSS while training over its RSS
-    before the model existed (Python, torch and DeepSpeed are not in the plan). The probe fixes
-    glibc's mmap threshold so that freed tensors leave the RSS, as freed GPU memory leaves the
-    allocated bytes. (Measured: ZeRO-1 2% and ZeRO-2 10% above the plan.)"""
+    (device_type 'cpu': no CUDA context) against the rank's peak memory growth while training
+    (``memory_growth``: Python, torch and DeepSpeed are not in the plan, nor library code). The probe
+    fixes glibc's mmap threshold so that freed tensors leave the RSS, as freed GPU memory leaves the
+    allocated bytes. (Measured: ZeRO-1 6% below the plan, ZeRO-2 0.5% above.)"""
     spec = {**RSS_RUN, "ds": {"zero_optimization": {**RSS_RUN["ds"]["zero_optimization"], "stage": stage}}}
     config = DalleConfig.from_name(spec["preset"], **spec["overrides"])
     layout = Layout(1, 2, 10**10, spec["micro_batch"], spec["grad_accum"])
     plan = plan_run(config, spec["ds"], layout, device_type="cpu")
     assert plan.components["cuda_context"] == 0 and plan.total_bytes > 100 * 2**20
     for rank in probe(spec, 2):
-        growth = rank["rss_peak"] - rank["rss_baseline"]
-        assert 0.8 <= growth / plan.total_bytes <= 1.2, (growth, plan.total_bytes)
+        growth = memory_growth(rank)
+        assert 0.8 <= growth / plan.total_bytes <= 1.2, (growth, plan.total_bytes, rank)
 
 
 def _hook_ds(name: str) -> dict:

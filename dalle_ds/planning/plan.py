@@ -9,7 +9,7 @@ that never overlap: forward and backward, and the optimizer step.
 
 tests/test_plan_validation.py compares each term with real runs on 2 and 4 CPU ranks (states,
 buckets, activations and collective bytes exactly; gradients within a parameter's gradient; the
-total within 20% of the peak RSS). Terms a CPU run cannot confirm (GPU kernels' temporaries,
+total within 20% of the peak memory growth). Terms a CPU run cannot confirm (GPU kernels' temporaries,
 ZeRO-3's parameters in flight, the CUDA context) are marked as estimates.
 """
 

@@ -4,12 +4,37 @@ A run serves every test that can read its answer from the same outputs: e.g. the
 ZeRO-2 + PowerSGD run below gives the stream's exact resume (test_training), PowerSGD's traffic
 and error-feedback resume, and the record of every collective (test_distributed)."""
 
+import json
+import subprocess
 from pathlib import Path
 
-from launching import launch, shipped_config, train_args
+from launching import ds_config, launch, shipped_config, train_args
 
 _done: dict[str, Path] = {}
 RANK4 = {"rank": 4, "start_iter": 2, "min_compression_rate": 1.5}
+RUNS = {
+    "zero0": dict(stage=0),
+    "zero1": dict(stage=1),
+    "zero2": dict(stage=2, reduce_scatter=False),  # also DeepSpeed's own reduction for the PowerSGD exact test
+    "zero3": dict(stage=3),
+    "zero3_offload": dict(stage=3, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"}),
+}
+_results: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+
+def run_stage(name, workdir, dvae_dir):
+    """The DALL-E trainer's default test run (:func:`train_args`, --check-sync) at ZeRO setting
+    ``name`` of :data:`RUNS`: (output folder, the launch's result)."""
+    if name not in _results:
+        spec = dict(RUNS[name])
+        cfg = ds_config(workdir, spec.pop("stage"), **spec)
+        if "offload" in name:  # torch's AdamW on offloaded states: no 95 s DeepSpeedCPUAdam JIT build
+            data = json.loads(cfg.read_text())
+            data["zero_force_ds_cpu_optimizer"] = False
+            cfg.write_text(json.dumps(data))
+        out = workdir / name
+        _results[name] = (out, launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--check-sync")))
+    return _results[name]
 
 
 def _once(name: str, make) -> Path:

@@ -24,33 +24,11 @@ from launching import (
     resume_copy,
     train_args,
 )
-from shared_runs import RANK4, stream_powersgd_run, stream_run_args, vq_dvae_run
+from shared_runs import RANK4, RUNS, run_stage, stream_powersgd_run, stream_run_args, vq_dvae_run
 
 from dalle_ds import load_model
 from dalle_ds.inference.generation import load_pipeline
 from dalle_ds.training import DalleRunConfig, DalleTrainer, DVAERunConfig, DVAETrainer, parse_run_config
-
-RUNS = {
-    "zero0": dict(stage=0),
-    "zero1": dict(stage=1),
-    "zero2": dict(stage=2, reduce_scatter=False),  # also DeepSpeed's own reduction for the PowerSGD exact test
-    "zero3": dict(stage=3),
-    "zero3_offload": dict(stage=3, offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"}),
-}
-_results: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
-
-
-def run_stage(name, workdir, dvae_dir):
-    if name not in _results:
-        spec = dict(RUNS[name])
-        cfg = ds_config(workdir, spec.pop("stage"), **spec)
-        if "offload" in name:  # torch's AdamW on offloaded states: no 95 s DeepSpeedCPUAdam JIT build
-            data = json.loads(cfg.read_text())
-            data["zero_force_ds_cpu_optimizer"] = False
-            cfg.write_text(json.dumps(data))
-        out = workdir / name
-        _results[name] = (out, launch("train_dalle.py", *train_args(dvae_dir, out, cfg, "--check-sync")))
-    return _results[name]
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -12,15 +12,26 @@ A checkpoint is a folder ``<output>/checkpoints/stepNNNNNNNN`` holding
   DeepSpeed JSON it trained with (the same, unprepared JSON and the run config are also in the client
   state, where ``--resume`` compares them with the resumed run's);
 - ``complete.json``, written by rank 0 after every rank has finished writing (a barrier), and only
-  then ``latest`` is pointed at it. A crash at any moment leaves the previous complete checkpoint
-  as the one ``--resume`` picks; incomplete folders are ignored and pruned later.
+  then ``latest`` is pointed at it: the client state plus ``format`` (:data:`FORMAT`) and every
+  other file's size and SHA-256 (``files``; the ranks hash the folder's files between them). A crash
+  at any moment leaves the previous complete checkpoint as the one ``--resume`` picks.
+
+``--resume`` verifies a checkpoint before loading it (sizes and digests, the files shared among the
+ranks again) and loads the newest intact one; every newer folder (incomplete, or damaged: a file
+missing, truncated or changed) is reported by file name and moved to ``<checkpoints>/set_aside/``,
+so that pruning and later saves never mistake it for a good one. When none is intact the run stops
+with what was checked and nothing is moved or deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +50,8 @@ from ..utils.files import atomic_write_text
 
 __all__ = [
     "COMPLETE",
+    "FORMAT",
+    "CheckpointError",
     "Checkpointer",
     "capture_rng_state",
     "export_checkpoint",
@@ -47,6 +60,39 @@ __all__ = [
 ]
 
 COMPLETE = "complete.json"  # written into a checkpoint folder once every rank has finished it
+FORMAT = 1  # complete.json's "format": the checkpoint layout this code writes (absent: written before it)
+SET_ASIDE = "set_aside"  # where --resume moves checkpoints newer than the one it loads
+TAG = re.compile(r"step\d+$")
+CHUNK = 1 << 24  # bytes hashed per read
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be resumed (the message lists what was checked), or one does not fit the run."""
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """The files of a checkpoint folder (relative paths, sorted), the marker and temporaries left out."""
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(n for n in names if n != COMPLETE and not n.rsplit("/", 1)[-1].startswith("."))
+
+
+def _shared_out(names: list[str], check: Callable[[str], Any]) -> dict[str, Any]:
+    """``check`` applied to this rank's share of ``names`` (every world-th from its rank), every
+    rank's results merged (collective)."""
+    mine = {n: check(n) for n in names[dd.rank() :: dd.world_size()]}
+    merged: dict[str, Any] = {}
+    for part in dd.all_gather_object(mine):
+        merged.update(part)
+    return merged
+
+
+def _tag_step(tag: str) -> int:
+    return int(tag[4:])
 
 
 def latest_complete_tag(ckpt_dir: str | Path) -> str | None:
@@ -64,10 +110,13 @@ def latest_complete_tag(ckpt_dir: str | Path) -> str | None:
 class Checkpointer:
     """Saves and loads one run's checkpoints (collective: every rank calls :meth:`save` / :meth:`load`)."""
 
-    def __init__(self, ckpt_dir: str | Path, rank: int, keep: int):
+    def __init__(self, ckpt_dir: str | Path, rank: int, keep: int, log: Callable[[str], None] = lambda msg: None):
         self.dir = Path(ckpt_dir)
+        self.log = log
         self.rank = rank
         self.keep = keep
+        self.skipped: list[tuple[str, list[str]]] = []  # what the last load stepped over
+        self.unverified = False  # the last load's checkpoint predates checksums
 
     def latest_tag(self) -> str | None:
         return latest_complete_tag(self.dir)
@@ -94,8 +143,12 @@ class Checkpointer:
                 atomic_write_text(self.dir / tag / name, Path(source).read_text())
         before_complete()
         dd.barrier()
+        folder = self.dir / tag
+        names = dd.all_gather_object(_listing(folder) if self.rank == 0 else None)[0]
+        files = _shared_out(names, lambda n: {"size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)})
         if self.rank == 0:
-            atomic_write_text(self.dir / tag / COMPLETE, json.dumps(client) + "\n")
+            marker = {**client, "format": FORMAT, "files": dict(sorted(files.items()))}
+            atomic_write_text(folder / COMPLETE, json.dumps(marker) + "\n")
             atomic_write_text(self.dir / "latest", tag)
             complete = sorted(p for p in self.dir.glob("step*") if (p / COMPLETE).exists())
             for old in complete[: -self.keep]:
@@ -103,14 +156,76 @@ class Checkpointer:
         dd.barrier()
         return tag
 
-    def load(self, engine) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
-        """Load the latest complete checkpoint into ``engine`` and restore this rank's RNG states.
+    def verify(self, tag: str) -> list[str] | None:
+        """What is wrong with checkpoint ``tag`` (one line per problem, naming the file); empty when
+        every file has its recorded size and SHA-256, None when its marker predates checksums
+        (collective: rank 0 reads the marker, the ranks hash the files between them)."""
+        folder = self.dir / tag
+        head = dd.all_gather_object(_read_marker(folder) if self.rank == 0 else None)[0]
+        if isinstance(head, str):
+            return [head]
+        if head.get("format", 0) > FORMAT:
+            raise CheckpointError(
+                f"{folder}: checkpoint format {head['format']}, written by a newer dalle-ds; this one reads "
+                f"format {FORMAT} and older. Resume with the dalle-ds version that wrote it."
+            )
+        if "files" not in head:
+            return None
+        expected = head["files"]
 
-        Returns (tag, client state, this rank's state, rank 0's shared state), or None when there is
-        no complete checkpoint.
+        def check(name: str) -> str | None:
+            path = folder / name
+            if not path.is_file():
+                return f"{path}: missing"
+            size = path.stat().st_size
+            if size != expected[name]["size"]:
+                return f"{path}: {size} bytes, {expected[name]['size']} when saved (truncated or replaced)"
+            if file_sha256(path) != expected[name]["sha256"]:
+                return f"{path}: contents differ from the SHA-256 recorded when saved"
+            return None
+
+        problems = _shared_out(sorted(expected), check)
+        return [problems[n] for n in sorted(problems) if problems[n]]
+
+    def newest_intact(self) -> tuple[str | None, list[tuple[str, list[str]]]]:
+        """The newest checkpoint that passes :meth:`verify` and the newer ones it steps over with
+        their problems (collective). Raises :class:`CheckpointError` when some checkpoint was
+        completed but none is intact; (None, skipped) when none was ever completed."""
+        tags = sorted((p.name for p in self.dir.glob("step*") if p.is_dir() and TAG.match(p.name)), key=_tag_step)
+        skipped: list[tuple[str, list[str]]] = []
+        for tag in reversed(tags):
+            problems = self.verify(tag)
+            if not problems:
+                self.unverified = problems is None
+                return tag, skipped
+            skipped.append((tag, problems))
+        if any((self.dir / t / COMPLETE).exists() for t, _ in skipped):
+            checked = "\n".join(f"  {t}: {p}" for t, problems in skipped for p in problems)
+            raise CheckpointError(
+                f"--resume: no intact checkpoint in {self.dir}; checked, newest first:\n{checked}\n"
+                f"Nothing was moved or deleted. Restore a copy of a checkpoint, or start without --resume "
+                f"in another --output-dir."
+            )
+        return None, skipped
+
+    def load(self, engine) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        """Load the newest intact checkpoint into ``engine`` and restore this rank's RNG states; the
+        newer folders it stepped over (:attr:`skipped`: tag and problems) are moved to
+        ``set_aside/`` (also when none was ever completed) and ``latest`` names the loaded one.
+
+        Returns (tag, client state, this rank's state, rank 0's shared state), or None when no
+        checkpoint was ever completed.
         """
-        tag = self.latest_tag()
+        start = time.perf_counter()
+        tag, self.skipped = self.newest_intact()
+        seconds = time.perf_counter() - start
+        for old, problems in self.skipped:
+            self.log(f"--resume: {old} stepped over and moved to {self.dir / SET_ASIDE}/: " + "; ".join(problems))
+        if tag is not None:
+            how = "written before checksums, not verified" if self.unverified else "verified"
+            self.log(f"--resume: {tag} {how} in {seconds:.1f} s")
         if tag is None:
+            self._set_skipped_aside(None)
             return None
         _, client = engine.load_checkpoint(str(self.dir), tag=tag)
         rank_state: dict[str, Any] = {}
@@ -120,7 +235,44 @@ class Checkpointer:
             restore_rng_state(rank_state)
         shared = self.dir / tag / "trainer_state.pt"
         shared_state = torch.load(shared, weights_only=True) if shared.exists() else {}
+        self._set_skipped_aside(tag)
         return tag, client, rank_state, shared_state
+
+    def _set_skipped_aside(self, tag: str | None) -> None:
+        """Move the folders the load stepped over to ``set_aside/`` and point ``latest`` at ``tag``
+        (collective: every rank has read what it needs before anything moves)."""
+        dd.barrier()
+        if self.rank == 0:
+            for old, _ in self.skipped:
+                _set_aside(self.dir, old)
+            latest = self.dir / "latest"
+            if tag is not None and latest.exists() and latest.read_text().strip() != tag:
+                atomic_write_text(latest, tag)
+        dd.barrier()
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | str:
+    """A checkpoint folder's marker, or what is wrong with it."""
+    path = folder / COMPLETE
+    if not path.is_file():
+        return f"{path}: missing (the save did not complete)"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{path}: unreadable ({err})"
+    return data if isinstance(data, dict) else f"{path}: not a JSON object"
+
+
+def _set_aside(ckpt_dir: Path, tag: str) -> Path:
+    """Move ``ckpt_dir/tag`` to ``ckpt_dir/set_aside/tag`` (``tag.1``, ... if taken); returns where."""
+    target = ckpt_dir / SET_ASIDE / tag
+    n = 0
+    while target.exists():
+        n += 1
+        target = ckpt_dir / SET_ASIDE / f"{tag}.{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(ckpt_dir / tag, target)
+    return target
 
 
 def capture_rng_state() -> dict[str, Any]:

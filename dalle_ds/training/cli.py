@@ -1,5 +1,5 @@
 """Command lines of the trainers (``scripts/train_dvae.py``, ``scripts/train_dalle.py``) and how a
-trainer process ends."""
+trainer process ends: 0 when done, 2 on a usage error or a stopped run, 75 when preempted."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import NoReturn
 from ..distributed import collectives as dd
 from ..distributed.ds_config import DeepSpeedConfigError
 from ..models.config import ConfigError
+from .checkpointing import CheckpointError
 from .errors import TrainingStopped, UsageError
 from .grad_scaling import GradScalingConfigError
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, install_signal_handlers
 from .run_args import arg_parser, parse_run_config
 from .run_config import DalleRunConfig, DVAERunConfig
 
@@ -45,15 +47,20 @@ def main_dalle(argv=None) -> int:
     return _run(DalleTrainer, DalleRunConfig, DALLE_DESCRIPTION, argv)
 
 
-STOPS = (UsageError, ConfigError, DeepSpeedConfigError, GradScalingConfigError, TrainingStopped)
+STOPS = (UsageError, ConfigError, DeepSpeedConfigError, GradScalingConfigError, TrainingStopped, CheckpointError)
 """Errors that end a run with a message and exit status 2 (bad arguments or configs, a stopped run)."""
 
 
 def _run(trainer, config_cls, description: str, argv) -> int:
+    install_signal_handlers()  # before anything forks: data workers inherit them
     try:
         cfg = parse_run_config(config_cls, argv, description)
         trainer(cfg).run()
         code = 0
+    except Preempted as stop:  # every rank saved its part of the checkpoint
+        if dd.rank() == 0:
+            print(f"[dalle-ds] {stop}", flush=True)
+        code = PREEMPTED_EXIT_CODE
     except STOPS as err:  # raised on every rank alike
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..inference.serialization import shard_size
@@ -227,6 +228,29 @@ class _RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    def prepared_ds_config(self, raw: dict[str, Any], world_size: int) -> dict[str, Any]:
+        """The DeepSpeed JSON ``raw`` with its batch keys filled from this run's settings on
+        ``world_size`` ranks (a conflict names both sources) and enabled monitors writing under
+        ``<output>/monitor`` unless the JSON says where."""
+        from ..distributed.ds_config import prepare_ds_config
+
+        prepared = prepare_ds_config(
+            raw,
+            world_size=world_size,
+            micro_batch_size=self.train.micro_batch_size,
+            gradient_accumulation_steps=self.train.grad_accum,
+            source=str(self.deepspeed_config),
+            given_as={
+                "train_micro_batch_size_per_gpu": "train.micro_batch_size (--micro-batch-size)",
+                "gradient_accumulation_steps": "train.grad_accum (--grad-accum)",
+            },
+        )
+        for monitor in ("csv_monitor", "tensorboard"):
+            section = prepared.get(monitor)
+            if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+                section["output_path"] = str(Path(self.output_dir) / "monitor")
+        return prepared
 
 
 @dataclass

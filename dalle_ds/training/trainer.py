@@ -28,7 +28,7 @@ import yaml
 from ..data.order import EpochOrder
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
-from ..distributed.ds_config import load_ds_config, prepare_ds_config, zero_stage
+from ..distributed.ds_config import load_ds_config, zero_stage
 from ..distributed.powersgd import build_comm_hook
 from ..distributed.process_group import init_distributed
 from ..models.config import load_config, save_config
@@ -64,8 +64,9 @@ class Trainer(abc.ABC):
         self.step = 0
         self.non_finite = NonFiniteRun(self.engine.device)
         self.changed_settings: list[str] = []  # what a resume found changed since its checkpoint
+        self.checkpoints_skipped = 0  # damaged or incomplete checkpoints --resume stepped over (whole run)
         self.metrics = MetricsLog(self.out, self.rank, cfg.logging.log_every, cfg.train.steps)
-        self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep)
+        self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep, log=self.log)
         if cfg.checkpoint.resume:
             self.resume()  # restores every rank's exact RNG state (and the comm hook's buffers)
         if self.comm_hook is not None:
@@ -84,21 +85,7 @@ class Trainer(abc.ABC):
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         dd.barrier()
         self.raw_ds_config = load_ds_config(cfg.deepspeed_config)
-        self.ds_config = prepare_ds_config(
-            self.raw_ds_config,
-            world_size=self.world,
-            micro_batch_size=cfg.train.micro_batch_size,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-            source=str(cfg.deepspeed_config),
-            given_as={
-                "train_micro_batch_size_per_gpu": "train.micro_batch_size (--micro-batch-size)",
-                "gradient_accumulation_steps": "train.grad_accum (--grad-accum)",
-            },
-        )
-        for monitor in ("csv_monitor", "tensorboard"):
-            section = self.ds_config.get(monitor)
-            if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
-                section["output_path"] = str(self.out / "monitor")
+        self.ds_config = cfg.prepared_ds_config(self.raw_ds_config, self.world)
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.global_batch = self.ds_config["train_batch_size"]
@@ -235,6 +222,7 @@ class Trainer(abc.ABC):
             "samples_seen": self.step * self.global_batch,
             "run_config": self.cfg.to_dict(),
             "deepspeed_config": self.raw_ds_config,
+            "checkpoints_skipped": self.checkpoints_skipped,
         }
         if self.scaler is not None:  # every block's scale and counters (the same on every rank)
             client["grad_scaling"] = self.scaler.state_dict()
@@ -259,6 +247,7 @@ class Trainer(abc.ABC):
             self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from scratch")
             return
         tag, client, rank_state, shared_state = loaded
+        self.checkpoints_skipped = client.get("checkpoints_skipped", 0) + len(self.checkpoints.skipped)
         if client["world_size"] != self.world:
             self.log(f"resuming {tag} written by {client['world_size']} ranks on {self.world}: data order changes")
         self.changed_settings = resume_changes(client, self.cfg, self.raw_ds_config)
@@ -348,6 +337,7 @@ class Trainer(abc.ABC):
             "loss_scale": ds_adapter.loss_scale(self.engine),
             "skipped": ds_skipped or scaler_skipped,
             "skipped_steps": ds_adapter.skipped_steps(self.engine) + (self.scaler.skipped if self.scaler else 0),
+            "checkpoints_skipped": self.checkpoints_skipped,
         }
 
     def log_step(self, record: dict[str, Any]) -> None:

@@ -208,10 +208,15 @@ class Checkpointer:
             )
         return None, skipped
 
-    def load(self, engine) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    def load(
+        self, engine, check: Callable[[Path, dict[str, Any]], None] = lambda folder, marker: None
+    ) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
         """Load the newest intact checkpoint into ``engine`` and restore this rank's RNG states; the
         newer folders it stepped over (:attr:`skipped`: tag and problems) are moved to
         ``set_aside/`` (also when none was ever completed) and ``latest`` names the loaded one.
+
+        ``check(folder, marker)`` sees the chosen checkpoint's marker (the client state it was saved
+        with) before anything is loaded or moved, and raises if it does not fit the run.
 
         Returns (tag, client state, this rank's state, rank 0's shared state), or None when no
         checkpoint was ever completed.
@@ -227,6 +232,7 @@ class Checkpointer:
         if tag is None:
             self._set_skipped_aside(None)
             return None
+        check(self.dir / tag, json.loads((self.dir / tag / COMPLETE).read_text()))
         _, client = engine.load_checkpoint(str(self.dir), tag=tag)
         rank_state: dict[str, Any] = {}
         path = self.dir / tag / f"rng_rank{self.rank}.pt"

@@ -7,9 +7,10 @@ trainer owns the model, the paper's optimiser and schedules, the data order, che
 :meth:`Trainer.run` reads top to bottom: set up (process group, config, model, engine, data,
 resume), then per optimizer step :meth:`Trainer.train_step` (micro batches, backward, step),
 :meth:`Trainer.after_update` (communication-hook bookkeeping, the subclass's hook), at logged steps
-:meth:`Trainer.log_step` (the metrics record, the non-finite guard), and periodic checkpoints and
-images; then :meth:`Trainer.finish` (final checkpoint, export, sync check, data counts). Losses and
-the non-finite counter stay on the device between logged steps: no host sync per micro batch.
+:meth:`Trainer.log_step` (the metrics record, the non-finite guard), the preemption check
+(``preemption``: save and stop when a rank was signalled), and periodic checkpoints and images;
+then :meth:`Trainer.finish` (final checkpoint, export, sync check, data counts). Losses and the
+non-finite counter stay on the device between logged steps: no host sync per micro batch.
 Subclasses (``dvae_trainer``, ``dalle_trainer``) supply the model, optimizer, data set and loss.
 """
 
@@ -40,6 +41,7 @@ from .errors import TrainingStopped, UsageError
 from .faults import Faults
 from .grad_scaling import ResblockGradScaler, ResblockScalingConfig, install_resblock_scaling, skipping_step
 from .metrics import MetricsLog, NonFiniteRun, check_ranks_identical, sum_over_ranks
+from .preemption import stop_if_signalled
 from .run_args import resume_changes
 from .run_config import RunConfig
 from .transfer import batch_to_device
@@ -298,6 +300,7 @@ class Trainer(abc.ABC):
                 self.log_step(record)
             else:
                 self.metrics.advance()
+            stop_if_signalled(self.step, self.save)  # a rank got SIGTERM / SIGUSR1: all save this step, stop
             if save_every and self.step % save_every == 0 and self.step < cfg.train.steps:
                 self.save()
             if image_every and self.step % image_every == 0:

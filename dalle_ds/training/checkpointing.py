@@ -47,6 +47,7 @@ from ..inference.serialization import model_from_config, save_weights, write_con
 from ..models.config import ConfigError
 from ..models.init import meta_modules
 from ..utils.files import atomic_write_text
+from . import reshard
 
 __all__ = [
     "COMPLETE",
@@ -117,6 +118,7 @@ class Checkpointer:
         self.keep = keep
         self.skipped: list[tuple[str, list[str]]] = []  # what the last load stepped over
         self.unverified = False  # the last load's checkpoint predates checksums
+        self._chosen: tuple[str | None, dict[str, Any] | None] | None = None  # what choose() found
 
     def latest_tag(self) -> str | None:
         return latest_complete_tag(self.dir)
@@ -208,38 +210,61 @@ class Checkpointer:
             )
         return None, skipped
 
+    def choose(self) -> tuple[str, dict[str, Any]] | None:
+        """The checkpoint ``--resume`` loads: (tag, its marker), or None when none was ever completed.
+        Collective the first time (:meth:`newest_intact`, logged); the trainer asks before it builds
+        the engine (a checkpoint of another number of ranks sets the gradient accumulation)."""
+        if self._chosen is None:
+            start = time.perf_counter()
+            tag, self.skipped = self.newest_intact()
+            seconds = time.perf_counter() - start
+            for old, problems in self.skipped:
+                self.log(f"--resume: {old} stepped over and moved to {self.dir / SET_ASIDE}/: " + "; ".join(problems))
+            marker = None
+            if tag is not None:
+                how = "written before checksums, not verified" if self.unverified else "verified"
+                self.log(f"--resume: {tag} {how} in {seconds:.1f} s")
+                marker = json.loads((self.dir / tag / COMPLETE).read_text())
+            self._chosen = (tag, marker)
+        tag, marker = self._chosen
+        return None if tag is None else (tag, marker)
+
     def load(
         self, engine, check: Callable[[Path, dict[str, Any]], None] = lambda folder, marker: None
     ) -> tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
-        """Load the newest intact checkpoint into ``engine`` and restore this rank's RNG states; the
-        newer folders it stepped over (:attr:`skipped`: tag and problems) are moved to
+        """Load the newest intact checkpoint (:meth:`choose`) into ``engine`` and restore this rank's
+        RNG states; the newer folders it stepped over (:attr:`skipped`: tag and problems) are moved to
         ``set_aside/`` (also when none was ever completed) and ``latest`` names the loaded one.
 
         ``check(folder, marker)`` sees the chosen checkpoint's marker (the client state it was saved
-        with) before anything is loaded or moved, and raises if it does not fit the run.
+        with) before anything is loaded or moved, and raises if it does not fit the run. A ZeRO
+        checkpoint of another number of ranks is loaded through its universal form
+        (``training/reshard.py``); this rank then takes old rank ``rank % old ranks``'s RNG states,
+        and its own state is empty (the trainer re-deals the data position from every old rank's).
 
         Returns (tag, client state, this rank's state, rank 0's shared state), or None when no
         checkpoint was ever completed.
         """
-        start = time.perf_counter()
-        tag, self.skipped = self.newest_intact()
-        seconds = time.perf_counter() - start
-        for old, problems in self.skipped:
-            self.log(f"--resume: {old} stepped over and moved to {self.dir / SET_ASIDE}/: " + "; ".join(problems))
-        if tag is not None:
-            how = "written before checksums, not verified" if self.unverified else "verified"
-            self.log(f"--resume: {tag} {how} in {seconds:.1f} s")
-        if tag is None:
+        chosen = self.choose()
+        if chosen is None:
             self._set_skipped_aside(None)
             return None
-        check(self.dir / tag, json.loads((self.dir / tag / COMPLETE).read_text()))
-        _, client = engine.load_checkpoint(str(self.dir), tag=tag)
+        tag, marker = chosen
+        folder = self.dir / tag
+        check(folder, marker)
+        old_world, world = marker.get("world_size", dd.world_size()), dd.world_size()
+        if old_world != world and any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
+            _, client = ds_adapter.load_universal(engine, folder, reshard.universal_copy(folder, self.rank).name)
+        else:
+            _, client = engine.load_checkpoint(str(self.dir), tag=tag)
         rank_state: dict[str, Any] = {}
-        path = self.dir / tag / f"rng_rank{self.rank}.pt"
+        path = folder / f"rng_rank{self.rank % old_world}.pt"
         if path.exists():
             rank_state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states live on the host
             restore_rng_state(rank_state)
-        shared = self.dir / tag / "trainer_state.pt"
+            if old_world != world:
+                rank_state = {}
+        shared = folder / "trainer_state.pt"
         shared_state = torch.load(shared, weights_only=True) if shared.exists() else {}
         self._set_skipped_aside(tag)
         return tag, client, rank_state, shared_state

@@ -229,17 +229,20 @@ class _RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
-    def prepared_ds_config(self, raw: dict[str, Any], world_size: int) -> dict[str, Any]:
+    def prepared_ds_config(self, raw: dict[str, Any], world_size: int, grad_accum: int | None = None) -> dict[str, Any]:
         """The DeepSpeed JSON ``raw`` with its batch keys filled from this run's settings on
         ``world_size`` ranks (a conflict names both sources) and enabled monitors writing under
-        ``<output>/monitor`` unless the JSON says where."""
+        ``<output>/monitor`` unless the JSON says where. ``grad_accum`` replaces the run's and the
+        JSON's gradient accumulation and global batch (a resume on another number of ranks)."""
         from ..distributed.ds_config import prepare_ds_config
 
+        if grad_accum is not None:
+            raw = {k: v for k, v in raw.items() if k not in ("train_batch_size", "gradient_accumulation_steps")}
         prepared = prepare_ds_config(
             raw,
             world_size=world_size,
             micro_batch_size=self.train.micro_batch_size,
-            gradient_accumulation_steps=self.train.grad_accum,
+            gradient_accumulation_steps=grad_accum or self.train.grad_accum,
             source=str(self.deepspeed_config),
             given_as={
                 "train_micro_batch_size_per_gpu": "train.micro_batch_size (--micro-batch-size)",

@@ -36,6 +36,7 @@ from ..models.config import load_config, save_config
 from ..utils.files import atomic_write_text
 from ..utils.images import as_float_image
 from ..utils.seeding import derive_seed
+from . import reshard
 from .checkpointing import Checkpointer, export_checkpoint
 from .errors import TrainingStopped, UsageError
 from .faults import Faults
@@ -68,7 +69,6 @@ class Trainer(abc.ABC):
         self.changed_settings: list[str] = []  # what a resume found changed since its checkpoint
         self.checkpoints_skipped = 0  # damaged or incomplete checkpoints --resume stepped over (whole run)
         self.metrics = MetricsLog(self.out, self.rank, cfg.logging.log_every, cfg.train.steps)
-        self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep, log=self.log)
         if cfg.checkpoint.resume:
             self.resume()  # restores every rank's exact RNG state (and the comm hook's buffers)
         if self.comm_hook is not None:
@@ -87,7 +87,9 @@ class Trainer(abc.ABC):
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         dd.barrier()
         self.raw_ds_config = load_ds_config(cfg.deepspeed_config)
-        self.ds_config = cfg.prepared_ds_config(self.raw_ds_config, self.world)
+        self.checkpoints = Checkpointer(self.ckpt_dir, self.rank, cfg.checkpoint.keep, log=self.log)
+        chosen = self.checkpoints.choose() if cfg.checkpoint.resume else None  # verified before the engine
+        self.ds_config = reshard.prepared_ds_config(cfg, self.raw_ds_config, self.world, chosen, self.log)
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.global_batch = self.ds_config["train_batch_size"]
@@ -225,6 +227,7 @@ class Trainer(abc.ABC):
             "run_config": self.cfg.to_dict(),
             "deepspeed_config": self.raw_ds_config,
             "checkpoints_skipped": self.checkpoints_skipped,
+            "global_batch": self.global_batch,
         }
         if self.scaler is not None:  # every block's scale and counters (the same on every rank)
             client["grad_scaling"] = self.scaler.state_dict()
@@ -250,8 +253,7 @@ class Trainer(abc.ABC):
             return
         tag, client, rank_state, shared_state = loaded
         self.checkpoints_skipped = client.get("checkpoints_skipped", 0) + len(self.checkpoints.skipped)
-        if client["world_size"] != self.world:
-            self.log(f"resuming {tag} written by {client['world_size']} ranks on {self.world}: data order changes")
+        resharded = client["world_size"] != self.world  # the hook starts afresh, the data position is re-dealt
         self.changed_settings = resume_changes(client, self.cfg, self.raw_ds_config)
         for change in self.changed_settings:
             self.log(f"warning: --resume: setting changed since {tag}: {change}")
@@ -261,7 +263,9 @@ class Trainer(abc.ABC):
             self.scaler.load_state_dict(client["grad_scaling"], device=self.engine.device)
         if self.comm_hook is not None and "comm_hook" in rank_state:  # residuals and Q's: on this rank's device
             self.comm_hook.load_state_dict(rank_state["comm_hook"], device=self.engine.device)
-        if self.stream is not None and "data" in rank_state:
+        if self.stream is not None and resharded:
+            self.stream.load_state_dict(reshard.stream_state(self.ckpt_dir / tag, client["world_size"], self))
+        elif self.stream is not None and "data" in rank_state:
             self.stream.load_state_dict(rank_state["data"])
         self.load_extra_state(shared_state)
         self.metrics.truncate_after(self.step)
@@ -409,4 +413,3 @@ class Trainer(abc.ABC):
             skipped = {k: v for k, v in counts.items() if k != "samples"}
             self.log(f"data: {counts.get('samples', 0)} samples used; skipped and counted: {skipped or 'none'}")
         self.log(f"done: {self.step} steps; weights in {final}")
-

@@ -15,6 +15,8 @@ and, where that API has no door, through a few internals, all of them in this pa
   (:func:`build_engine`: their eager construction imports torch._inductor);
 - checkpoint file names (``mp_rank_00_model_states.pt``), the layout keys in them, and
   ``zero_to_fp32``'s optimizer-file parser and ZeRO-3 gather, for the streaming export;
+- ``ds_to_universal``'s ``main`` and the engine's ``load_universal_checkpoint`` setting, to resume
+  on another number of ranks (:mod:`.universal`);
 - the activation-checkpointing RNG tracker, saved with every rank's RNG state;
 - the optimizers an engine steps (``basic_optimizer``, ZeRO-3's ``backup_optimizer``), whose ``step``
   per-resblock gradient scaling turns into a no-op to skip an update (:func:`inner_optimizers`).
@@ -57,6 +59,7 @@ from .step import (
     skipped_steps,
     write_monitor,
 )
+from .universal import convert_to_universal, load_universal
 from .versions import SUPPORTED_DEEPSPEED, DeepSpeedInternalsError, DeepSpeedVersionError, check_version
 
 __all__ = [
@@ -74,12 +77,14 @@ __all__ = [
     "backward",
     "build_engine",
     "check_version",
+    "convert_to_universal",
     "cpu_adam",
     "estimate_model_states",
     "force_fp16_on_cpu",
     "gathered",
     "init_process_group",
     "inner_optimizers",
+    "load_universal",
     "loss_scale",
     "mapped_fp32_partitions",
     "mapped_model_states",

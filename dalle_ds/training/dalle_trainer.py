@@ -183,6 +183,6 @@ class DalleTrainer(Trainer):
         codes = batch["codes"] if "codes" in batch else self.encode_images(batch["image"])
         out = self.engine(text, image_codes=codes, check_inputs=False)  # checked on the host (check_batch)
         metrics = {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss}  # read when logged
-        if caption_dropout > 0:  # rank 0's share of null captions this step
+        if caption_dropout > 0:  # the share of null captions this step (averaged over ranks when logged)
             metrics["null_caption_share"] = dropped / text.shape[0]
         return out.loss, metrics, text.numel() + text.shape[0] * self.config.image_len

@@ -55,10 +55,10 @@ class MetricsLog:
         self.interval_start, self.interval_tokens = time.perf_counter(), 0
 
     def host_record(self, record: dict[str, Any], world: int) -> dict[str, Any]:
-        """A logged step's record on the host, on every rank: its tensors read in one transfer (rounded to
-        6 digits), ``tokens_per_s`` of all ranks over the interval since the last record and the largest
-        rank's ``peak_rss_mb`` (collective)."""
-        values = read_to_host(record, ndigits=6)
+        """A logged step's record on the host, on every rank: its tensors as the whole global batch's
+        (:func:`_over_ranks`) read in one transfer (rounded to 6 digits), ``tokens_per_s`` of all ranks
+        over the interval since the last record and the largest rank's ``peak_rss_mb`` (collective)."""
+        values = read_to_host(_over_ranks(record), ndigits=6)
         now = time.perf_counter()  # after the read: the device has finished the interval's work
         values["tokens_per_s"] = round(self.interval_tokens * world / (now - self.interval_start), 1)
         self.interval_start, self.interval_tokens = now, 0
@@ -114,6 +114,27 @@ class NonFiniteRun:
     def interval_done(self) -> None:
         """``longest`` was read (at a logged step): the next interval's starts from the current run."""
         self.longest = self.run.clone()
+
+
+LARGEST = ("longest_bad_run",)  # record keys reduced over ranks by max, not mean
+
+
+def _over_ranks(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's device values (0-d, on the engine's device) over all ranks: the mean (each rank's
+    value is the mean over its equal share of the global batch, so the mean is the global batch's:
+    the loss does not depend on the number of ranks), the largest for :data:`LARGEST` (every rank's
+    non-finite guard then decides alike). Two all-reduces of a few floats, at logged steps only."""
+    world = dd.world_size()
+    if world == 1:
+        return record
+    out = dict(record)
+    for op in ("mean", "max"):
+        keys = [k for k, v in record.items() if torch.is_tensor(v) and (k in LARGEST) == (op == "max")]
+        if keys:
+            stacked = torch.stack([record[k].detach().float().reshape(()) for k in keys])
+            dd.all_reduce(stacked, op="sum" if op == "mean" else "max")
+            out.update(zip(keys, (stacked / world if op == "mean" else stacked).unbind(), strict=True))
+    return out
 
 
 def read_to_host(values: dict[str, Any], ndigits: int | None = None) -> dict[str, Any]:

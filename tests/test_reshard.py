@@ -119,6 +119,23 @@ def test_resumed_on_another_number_of_ranks_the_state_is_the_checkpoints(case, w
         assert scalers[0].cur_scale == scalers[1].cur_scale and scalers[0].cur_iter == scalers[1].cur_iter
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_from_the_universal_copy_equals_the_checkpoints(stage, workdir, dvae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dalle_ds.training.checkpointing import export_checkpoint
+
+    run = copy_at_step4(source("dalle", stage, "fp32", 2, workdir, dvae_dir), tmp_path / "run")
+    resume = args("dalle", workdir, dvae_dir, run, stage, "fp32", "--resume")
+    proc = launch(PROBE, "dalle", tmp_path / "resaved", *resume, nprocs=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    a = load_file(export_checkpoint(ckpts, tmp_path / "a", TAG) / "model.safetensors")
+    b = load_file(export_checkpoint(ckpts, tmp_path / "b", f"{TAG}/{UNIVERSAL}") / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_conversion_is_made_once_and_reused(workdir, dvae_dir, tmp_path):
     run = copy_at_step4(source("dalle", 2, "fp32", 2, workdir, dvae_dir), tmp_path / "run")
     cfg_args = args("dalle", workdir, dvae_dir, run, 2, "fp32", "--resume")

@@ -8,7 +8,9 @@ files memory-mapped and copies out only the tensors asked for:
 - ZeRO 0: the module's own tensors, from the mapped model-states file (cast up to fp32);
 - ZeRO 1/2: each parameter's span of its group's flat fp32 vector, sliced from the ranks' mapped
   partitions it crosses (the layout DeepSpeed records: group order, alignment paddings);
-- ZeRO 3: each parameter gathered from every rank by DeepSpeed's own ``GatheredTensor``.
+- ZeRO 3: each parameter gathered from every rank by DeepSpeed's own ``GatheredTensor``;
+- a universal checkpoint (``<tag>/universal``, what a resume on another number of ranks converts
+  to): each parameter's own ``zero/<name>/fp32.pt``.
 
 Every :meth:`CheckpointWeights.read` maps the files afresh and drops the mapping when it returns,
 so the pages it touched leave this process's memory with it: peak host memory is about what one
@@ -51,7 +53,13 @@ class CheckpointWeights:
         for name in layout["buffer_names"]:
             if name in module:
                 self._add(name, module[name].shape, ("module", name, module[name].dtype))
-        if self.stage == 0:
+        universal = (self.tag_dir / "zero").is_dir()
+        if universal:
+            for name, shape in ((k, v) for group in layout["param_shapes"] for k, v in group.items()):
+                if not (self.tag_dir / "zero" / name / "fp32.pt").is_file():
+                    raise ValueError(f"{self.tag_dir}: universal checkpoint without zero/{name}/fp32.pt")
+                self._add(name, shape, ("universal", name))
+        elif self.stage == 0:
             for name, value in module.items():
                 if name not in self.shapes:
                     self._add(name, value.shape, ("module", name, value.dtype))
@@ -118,6 +126,11 @@ class CheckpointWeights:
                 out[name] = value.to(torch.float32 if value.is_floating_point() else value.dtype, copy=True)
             elif kind == "flat":
                 out[name] = _flat_slice([p[where[0]] for p in parts], *where[1:]).view(self.shapes[name])
+            elif kind == "universal":
+                path = self.tag_dir / "zero" / name / "fp32.pt"
+                value = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                value = value["param"] if isinstance(value, dict) else value  # ZeRO 1/2 wrap it, ZeRO-3 not
+                out[name] = value.to(torch.float32, copy=True).view(self.shapes[name])
             else:
                 out[name] = ds_adapter.zero3_gather(parts, offsets, where[0], self.shapes[name])[0].float()
         del states, parts

@@ -27,8 +27,12 @@ its imports and its tokenizer live from the first batch to the last.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
+import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 
@@ -159,6 +163,25 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         yield {"slot": slot, "state": state(), "end": True}
 
 
+def _leave_job_signals_to_the_rank(rank_pid: int, worker_id: int) -> None:
+    """Each data worker's ``worker_init_fn`` (``rank_pid``: the process that made the DataLoader).
+    SIGTERM and SIGUSR1 sent to every process of a job (by SLURM, a process-group kill, DeepSpeed's
+    launcher stopping a rank's process tree) are the rank's to act on: it saves and exits, and its
+    workers with it (``training/preemption.py``). Torch's worker would die of them, and the rank's
+    DataLoader would then raise at once. Here a thread takes them instead; a SIGTERM from the rank
+    itself (multiprocessing stopping daemonic workers at exit) still ends the worker."""
+    job_signals = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, job_signals)  # threads started later inherit the mask
+
+    def take() -> None:
+        while True:
+            info = signal.sigwaitinfo(job_signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == rank_pid:
+                os._exit(0)
+
+    threading.Thread(target=take, name="job-signals", daemon=True).start()
+
+
 def _as_made(batch: dict) -> dict:
     """The DataLoader's collate step: batches leave the workers as they are made (its default would
     turn numpy arrays into tensors, each one more shared-memory handle to pass)."""
@@ -238,7 +261,7 @@ class StreamLoader:
                                    self._epoch_box, self.epoch, dict(self.slots))  # fmt: skip
             self._loader = torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                collate_fn=_as_made,
+                collate_fn=_as_made, worker_init_fn=functools.partial(_leave_job_signals_to_the_rank, os.getpid()),
             )  # fmt: skip
         if self.turn is None:
             workers = max(self.num_workers, 1)

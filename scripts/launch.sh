@@ -14,6 +14,10 @@
 #   DS_ENV_VARS                space-separated names of variables to forward to every node (with
 #                              ./.deepspeed_env's lines; default: the NCCL_*, FI_*, GLOO_*, CUDA_* set)
 #   DS_EXTRA                   more launcher arguments, e.g. "--venv_script /opt/venv/bin/activate"
+#
+# Preemption: a TERM, USR1 or INT sent to this script (a scheduler's signal to the batch script,
+# Ctrl-C) goes on to the ranks (INT as TERM), which save the step they reached and exit 75; this
+# script waits for them and exits with the launcher's status (docs/training.md#preemption).
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
     sed -n '2,20p' "$0" >&2
@@ -48,4 +52,36 @@ if [[ ${NO_SSH:-0} == 1 ]]; then
 fi
 # shellcheck disable=SC2206
 [[ -n ${DS_EXTRA:-} ]] && args+=($DS_EXTRA)
-deepspeed "${args[@]}" "$script" --deepspeed_config "$config" "$@"
+
+# Ranks on this node (one node, or NO_SSH=1) are signalled themselves: DeepSpeed's launcher, when
+# signalled, would stop them one after the other and exit 1. Remote ranks are reached through the
+# runner, which stops them with SIGTERM (pdsh: pkill on every node).
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+    local launchers ranks
+    launchers=$(pgrep -d, -P "$job" -f deepspeed.launcher.launch) || true
+    if [[ -n $launchers ]]; then
+        ranks=$(pgrep -d ' ' -P "$launchers") || true
+        # shellcheck disable=SC2086
+        kill -s "$1" $ranks 2>/dev/null || true
+    else
+        kill -s TERM "$job" 2>/dev/null || true
+    fi
+}
+
+set -m  # the job gets its own process group: Ctrl-C reaches this script, which forwards it
+deepspeed "${args[@]}" "$script" --deepspeed_config "$config" "$@" &
+job=$!
+set +m
+trap 'forward TERM' TERM INT
+trap 'forward USR1' USR1
+while true; do
+    status=0
+    wait "$job" || status=$?
+    kill -0 "$job" 2>/dev/null || break  # else a trapped signal interrupted the wait
+done
+# Ranks whose launcher died of a signal of their own (SLURM signals every process) run on: wait.
+while kill -0 -- "-$job" 2>/dev/null; do
+    sleep 1
+done
+exit "$status"

@@ -1,5 +1,6 @@
 """Command lines of the trainers (``scripts/train_dvae.py``, ``scripts/train_dalle.py``) and how a
-trainer process ends: 0 when done, 2 on a usage error or a stopped run, 75 when preempted."""
+trainer process ends: 0 when done, 2 on a usage error or a stopped run (one message, see
+:func:`_report_stop`), 75 when preempted."""
 
 from __future__ import annotations
 
@@ -53,16 +54,19 @@ STOPS = (UsageError, ConfigError, DeepSpeedConfigError, GradScalingConfigError, 
 
 def _run(trainer, config_cls, description: str, argv) -> int:
     install_signal_handlers()  # before anything forks: data workers inherit them
+    training = False
     try:
         cfg = parse_run_config(config_cls, argv, description)
-        trainer(cfg).run()
+        run = trainer(cfg)
+        training = True
+        run.run()
         code = 0
     except Preempted as stop:  # every rank saved its part of the checkpoint
         if dd.rank() == 0:
             print(f"[dalle-ds] {stop}", flush=True)
         code = PREEMPTED_EXIT_CODE
-    except STOPS as err:  # raised on every rank alike
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except STOPS as err:
+        _report_stop(err, alike=not training or isinstance(err, TrainingStopped))
         code = 2
     # Tear the process groups down before the interpreter does: gloo work left to exit-time
     # destructors can abort the process ("terminate called without an active exception"). Not on
@@ -70,6 +74,18 @@ def _run(trainer, config_cls, description: str, argv) -> int:
     # stops the other ranks anyway.
     dd.destroy()
     return code
+
+
+def _report_stop(err: Exception, alike: bool) -> None:
+    """Print a STOPS error once: rank 0 prints it, another rank only when rank 0 is not known to raise
+    the same (``alike`` false), with its rank named, so that an error only some ranks raise is never lost.
+
+    Errors of the set-up are alike: every rank parses the same flags, reads the same configs and files
+    and checks the checkpoint ``--resume`` chose together. So is the non-finite stop (every rank saves
+    before it). Another error raised while training may come from one rank's own data."""
+    rank = dd.rank() if dd.is_initialized() else int(os.environ.get("RANK", "0"))  # the launcher's, before init
+    if rank == 0 or not alike:
+        print(f"error{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr, flush=True)
 
 
 def exit_process(code: int) -> NoReturn:

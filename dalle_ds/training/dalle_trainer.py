@@ -20,6 +20,7 @@ from ..utils.seeding import derive_seed, numpy_rng
 from .construction import engine_placement
 from .errors import UsageError
 from .optim import adamw_and_schedule, param_groups
+from .resume_checks import weights_sha256
 from .trainer import Trainer
 from .transfer import to_device
 
@@ -41,6 +42,7 @@ class DalleTrainer(Trainer):
         if not isinstance(self.config, DalleConfig):
             raise UsageError(f"--preset {self.cfg.preset} is not a DALL-E config")
         self.dvae = load_dvae(self.cfg.dvae)
+        self.frozen_inputs["dvae"] = {"path": str(self.cfg.dvae), "sha256": weights_sha256(self.dvae)}
         self.tokenizer = self._tokenizer()
         if self.zero3:
             with ds_adapter.zero3_init(self.ds_config):

@@ -43,6 +43,7 @@ from .faults import Faults
 from .grad_scaling import ResblockGradScaler, ResblockScalingConfig, install_resblock_scaling, skipping_step
 from .metrics import MetricsLog, NonFiniteRun, check_ranks_identical, sum_over_ranks
 from .preemption import stop_if_signalled
+from .resume_checks import fit_check
 from .run_args import resume_changes
 from .run_config import RunConfig
 from .transfer import batch_to_device
@@ -60,6 +61,7 @@ class Trainer(abc.ABC):
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.faults = Faults.from_env()
+        self.frozen_inputs: dict[str, dict[str, str]] = {}  # used, not trained (--dvae): checkpointed, compared
         self.setup_distributed()
         self.setup_engine()
         self.setup_data()
@@ -223,6 +225,7 @@ class Trainer(abc.ABC):
             "bad_steps": int(self.non_finite.run.item()),  # one host read per checkpoint
             "world_size": self.world,
             "model_config": self.config.to_dict(),
+            "frozen": self.frozen_inputs,
             "samples_seen": self.step * self.global_batch,
             "run_config": self.cfg.to_dict(),
             "deepspeed_config": self.raw_ds_config,
@@ -247,7 +250,7 @@ class Trainer(abc.ABC):
         )
 
     def resume(self) -> None:
-        loaded = self.checkpoints.load(self.engine)
+        loaded = self.checkpoints.load(self.engine, check=fit_check(self.config.to_dict(), self.frozen_inputs))
         if loaded is None:
             self.log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from scratch")
             return

@@ -3,7 +3,8 @@
 ``trainer`` (the shared loop), ``dvae_trainer`` / ``dalle_trainer`` (the two recipes), ``checkpointing``
 (format, save, resume, export), ``run_config`` / ``run_args`` (every training setting, from flags and
 YAML), ``metrics`` (metrics.jsonl, monitors, progress), ``optim`` (AdamW groups
-and schedules), ``cli`` (command lines), ``faults`` (test-only fault injection), ``errors``.
+and schedules), ``cli`` (command lines), ``preemption`` (SIGTERM / SIGUSR1: save the step reached,
+exit 75), ``faults`` (test-only fault injection), ``errors``.
 """
 
 from .cli import dalle_arg_parser, dvae_arg_parser, exit_process, main_dalle, main_dvae

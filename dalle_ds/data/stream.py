@@ -2,12 +2,12 @@
 
 The pieces: :mod:`.config` (DataConfig, the bad-input counters), :mod:`.sources` and
 :mod:`.shards` (what a source's shards are and how one is read), :mod:`.transforms` (one example to
-a tensor); this module deals the shards to the (rank, worker) slots, shuffles, batches and resumes.
+a tensor), :mod:`.deal` (which shards a slot reads); this module shuffles, batches and resumes.
 
 Distribution. The stream's shards (files) are shuffled per epoch by seed and dealt round-robin to
-the (rank, worker) slots, so every slot reads a disjoint part and together they read everything.
-With fewer shards than slots every slot reads every shard and keeps every ``slots``-th example
-(the others are skipped without reading their bytes). Examples are shuffled within each shard
+the (rank, worker) slots (:mod:`.deal`), so every slot reads a disjoint part and together they read
+everything. With fewer shards than slots every slot reads every shard and keeps every ``slots``-th
+example (the others are skipped without reading their bytes). Examples are shuffled within each shard
 (a buffer of ``shuffle_buffer``, seeded per shard), so a position is (shard, examples taken from it).
 Uneven shards give ranks uneven example counts; :class:`StreamLoader` ends an epoch on every rank
 as soon as one rank runs dry (one all-reduce of a flag per batch, on the CPU group), so collectives never hang.
@@ -17,8 +17,10 @@ worker's position when its last delivered batch was made: the index of the curre
 shard order and how many of that shard's examples it had taken. A resumed worker does not open the
 shards before it; it lists the current shard (tar headers / Parquet metadata), replays that shard's
 shuffle on the list, and reads only the examples still to come (seeking to them). The resumed stream
-equals the uninterrupted one; the extra bytes read are at most one shard per worker. Bad input is
-skipped and counted (:data:`.config.REASONS`).
+equals the uninterrupted one; the extra bytes read are at most one shard per worker. On another
+layout (ranks x workers), :func:`.deal.redeal_stream_states` deals what is left of the epoch to the
+new slots as explicit lists of shards, each with the seed of its shuffle and the examples taken of
+it. Bad input is skipped and counted (:data:`.config.REASONS`).
 
 Workers. One DataLoader serves the whole run with persistent workers: each epoch restarts their
 streams in place (the epoch number reaches them through a shared-memory tensor), so a worker process,
@@ -40,6 +42,7 @@ import torch
 
 from ..utils.seeding import derive_seed
 from .config import BadSample, DataConfig
+from .deal import Piece, slot_deal
 from .sources import _Source
 from .transforms import process
 
@@ -78,34 +81,25 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         self.start, self.state = start, state  # slot -> position, counts and io saved in epoch `start`
         self.source = _Source(cfg)
 
-    def _items(self, epoch: int, slot: int, slots: int, start: tuple[int, int], io_counts: Counter):
-        """(item, position after it) for this slot's shards from ``start`` = (shard, taken)."""
-        n = self.source.num_shards
-        order = list(range(n))
+    def _items(self, epoch: int, deal: list[Piece], start: tuple[int, int], io_counts: Counter):
+        """(item, position after it) for this slot's deal from ``start`` = (piece, taken)."""
+        order = list(range(self.source.num_shards))
         random.Random(derive_seed(self.cfg.seed, _SHARD_ORDER, epoch)).shuffle(order)
-        mine = order[slot::slots] if n >= slots else order
-        first, skip = start
-        for pos in range(first, len(mine)):
-            if n < slots:  # every slot reads every shard, keeps every slots-th example of it
-
-                def keep(i, pos=pos):
-                    return (i + pos) % slots == slot
-            else:
-
-                def keep(i):
-                    return True
-
-            listing = pos == first and skip > 0  # resume inside this shard: list it, read what is left
-            items = self.source.items(mine[pos], io_counts, None if listing else keep)
-            rng = random.Random(derive_seed(self.cfg.seed, _SHUFFLE, epoch, slot, pos))
-            stream = _shuffled((it for it in items if keep(it.index)), self.cfg.shuffle_buffer, rng)
+        first, skip_first = start
+        for k in range(first, len(deal)):
+            piece = deal[k]
+            skip = max(skip_first if k == first else 0, piece.taken)
+            listing = skip > 0  # resume inside this shard: list it, read what is left
+            items = self.source.items(order[piece.index], io_counts, None if listing else piece.keeps)
+            rng = random.Random(derive_seed(self.cfg.seed, _SHUFFLE, epoch, piece.slot, piece.pos))
+            stream = _shuffled((it for it in items if piece.keeps(it.index)), self.cfg.shuffle_buffer, rng)
             taken, nxt = 0, next(stream, None)
             while nxt is not None:
                 item, nxt = nxt, next(stream, None)
                 taken += 1
-                if listing and taken <= skip:
+                if taken <= skip:
                     continue
-                yield item, ((pos, taken) if nxt is not None else (pos + 1, 0))
+                yield item, ((k, taken) if nxt is not None else (k + 1, 0))
 
     def _batch(self, key: str, images: list, captions: list[str], where: tuple[int, int, int], state: dict) -> dict:
         batch = {key: torch.stack(images), "caption": captions, "slot": where[1], "state": state}
@@ -126,6 +120,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         saved = positions.get(slot, {})
         counts, io_counts = Counter(saved.get("counts", {})), Counter(saved.get("io", {}))
         consumed = saved.get("consumed", 0)
+        deal = [Piece(*p) for p in saved["deal"]] if "deal" in saved else slot_deal(self.source.num_shards, slot, slots)
         if "shard" in saved:
             position, replay = (saved["shard"], saved["in_shard"]), 0
         else:  # a checkpoint from before positions were saved: replay by count
@@ -138,7 +133,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             return {"consumed": consumed, "shard": position[0], "in_shard": position[1], "counts": dict(counts),
                     "io": dict(io_counts)}  # fmt: skip
 
-        for item, after in self._items(epoch, slot, slots, position, io_counts):
+        for item, after in self._items(epoch, deal, position, io_counts):
             consumed, position = consumed + 1, after
             if consumed <= replay:
                 continue
@@ -222,6 +217,7 @@ class StreamLoader:
         self.past = Counter()  # counts of finished epochs (and epoch-end drops)
         self.past_io = Counter()
         self.turn: list[int] | None = None  # slots still delivering this epoch, the next one first
+        self.num_shards: int | None = None  # the source's, known once an epoch is opened (or loaded)
         self._loader: torch.utils.data.DataLoader | None = None  # made at the first epoch this loader opens
         self._epoch_box: torch.Tensor | None = None  # the workers' view of self.epoch (shared memory)
         self._it = None
@@ -231,7 +227,7 @@ class StreamLoader:
     def state_dict(self) -> dict:
         slots = json.loads(json.dumps(self.slots))
         return {"epoch": self.epoch, "slots": slots, "past": dict(self.past), "past_io": dict(self.past_io),
-                "turn": self.turn}  # fmt: skip
+                "turn": self.turn, "num_shards": self.num_shards}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
@@ -239,6 +235,7 @@ class StreamLoader:
         self.past = Counter(state["past"])
         self.past_io = Counter(state.get("past_io", {}))
         self.turn = state.get("turn")
+        self.num_shards = state.get("num_shards")
         self._loader = self._it = None  # workers that knew the old positions exit
 
     def counters(self) -> dict[str, int]:
@@ -259,6 +256,10 @@ class StreamLoader:
             self._epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()
             stream = _WorkerStream(self.cfg, self.batch_size, self.rank, self.world, self.num_workers,
                                    self._epoch_box, self.epoch, dict(self.slots))  # fmt: skip
+            if self.slots and self.num_shards not in (None, stream.source.num_shards):
+                raise ValueError(f"the saved stream position is in {self.num_shards} shards; {self.cfg.source!r} "
+                                 f"has {stream.source.num_shards}")  # fmt: skip
+            self.num_shards = stream.source.num_shards
             self._loader = torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                 collate_fn=_as_made, worker_init_fn=functools.partial(_leave_job_signals_to_the_rank, os.getpid()),
@@ -282,7 +283,7 @@ class StreamLoader:
                     self._stash[item["slot"]].append(item)  # finished before a resume: counted already
             item = self._stash[slot].pop(0)
             if item.get("end"):  # this worker is done: keep its final counts, drop it from the turn
-                self.slots[slot] = item["state"]
+                self._record(slot, item["state"])
                 self.turn.pop(0)
                 continue
             self.turn = self.turn[1:] + [slot]
@@ -304,7 +305,7 @@ class StreamLoader:
             if joined:  # every rank ends the epoch together (uneven shards must not hang collectives)
                 have = dd.host_all_reduce(have, op="min", dtype=torch.int32)
             if have:
-                self.slots[item["slot"]] = item["state"]
+                self._record(item["slot"], item["state"])
                 delivered += 1
                 empty_epochs = 0
                 out = {k: item[k] for k in ("image", "codes", "caption") if k in item}
@@ -323,6 +324,11 @@ class StreamLoader:
                     f"{self.rank} for a whole epoch; bad-input counts: {self.counters()}"
                 )
         self._loader = None  # the last epoch is done: its workers exit
+
+    def _record(self, slot: int, state: dict) -> None:
+        """A worker's state at a delivered batch; a re-dealt slot's deal stays here (workers report positions)."""
+        deal = self.slots.get(slot, {}).get("deal")
+        self.slots[slot] = state if deal is None else {**state, "deal": deal}
 
     def _finish_epoch(self) -> None:
         self._it = None  # the workers stay: the next iter() restarts their streams in the next epoch

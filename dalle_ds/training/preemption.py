@@ -50,7 +50,7 @@ def _record(signum: int, frame) -> None:
 
 def install_signal_handlers() -> None:
     """Make SIGTERM and SIGUSR1 only record their arrival (from the main thread). System calls they
-    interrupt restart: nothing needs to be woken, and C++ code (gloo, NCCL) sees no EINTR."""
+    interrupt restart where the kernel can (``SA_RESTART``): the flag needs nobody woken early."""
     for sig in SIGNALS:
         signal.signal(sig, _record)
         signal.siginterrupt(sig, False)

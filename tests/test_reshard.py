@@ -2,8 +2,8 @@
 ranks by tests/reshard_probe.py, which saves what it loaded at once in the new layout; both
 checkpoints, in DeepSpeed's universal form (one folder of fp32 values, Adam moments and step per
 parameter), must hold the same numbers exactly. Covered: ZeRO 1, 2 and 3 from 2 ranks to 1 and from
-1 to 2, 2 -> 4 once (bf16), fp16 once (its loss scale carried), the dVAE trainer once, and one
-loss curve against the uninterrupted run."""
+1 to 2, 2 -> 4 once (bf16), fp16 once (its loss scale carried), the dVAE trainer once, PowerSGD
+with a streamed data set once, and one loss curve against the uninterrupted run."""
 
 import json
 import shutil
@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 from launching import STEPS, assert_resumed, ds_config, launch, losses, metrics, train_args
+from shared_runs import stream_powersgd_run, stream_run_args
 
 from dalle_ds.distributed import ds_adapter
 from dalle_ds.training.reshard import UNIVERSAL
@@ -170,3 +171,23 @@ def test_losses_after_the_change_follow_the_uninterrupted_run(workdir, dvae_dir,
     assert_resumed(run)
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(ref)), rtol=1e-4, atol=0)
     assert metrics(run)[-1]["step"] == STEPS
+
+
+def test_powersgd_and_a_stream_resume_on_one_rank(workdir, dvae_dir, shards, tmp_path):
+    """The streamed 2-rank x 2-worker ZeRO-2 + PowerSGD run resumed on 1 rank x 1 worker: the hook's
+    residuals start afresh, its schedule carries on (compressing from the first resumed step), the
+    stream's position is re-dealt, training goes on."""
+    ref = stream_powersgd_run(workdir, dvae_dir, shards)
+    run = copy_at_step4(ref, tmp_path / "run")
+    argv = stream_run_args(workdir, dvae_dir, shards, run)
+    argv[argv.index("--data-workers") + 1] = "1"
+    proc = launch("train_dalle.py", *argv, "--resume", nprocs=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (
+        f"{TAG} was written by 2 ranks, resumed on 1: global batch 4 kept, gradient accumulation 2; PowerSGD's "
+        "residuals and Q's start afresh" in proc.stdout
+    )
+    assert_resumed(run)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["comm_bytes"] < r["comm_bytes_plain"] for r in rows[4:])  # compressing from step 2 on

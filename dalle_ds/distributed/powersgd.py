@@ -158,13 +158,14 @@ class PowerSGD:
             "bytes_by_kind": dict(self.bytes_by_kind),
         }
 
-    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None) -> None:
-        """Restore :meth:`state_dict`; residuals and Q's go to ``device`` (the gradients' device).
-        Residuals are cast to :attr:`error_dtype` (a checkpoint with fp32 residuals loads into 16 bits)."""
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str | None = None, buffers=True) -> None:
+        """Restore :meth:`state_dict`; residuals and Q's go to ``device`` (the gradients' device), cast to
+        :attr:`error_dtype`. ``buffers=False`` (another number of ranks): they start afresh, the schedule stays."""
         self.iter, self.bytes_sent, self.bytes_plain = state["iter"], state["bytes_sent"], state["bytes_plain"]
         self.bytes_by_kind = dict(state.get("bytes_by_kind", {"plain": 0, "P": 0, "Q": 0}))
-        self.errors = {k: v.to(device=device, dtype=self.error_dtype, copy=True) for k, v in state["errors"].items()}
-        self.qs = {k: v.to(device) if device is not None else v for k, v in state["qs"].items()}
+        errors, qs = (state["errors"], state["qs"]) if buffers else ({}, {})
+        self.errors = {k: v.to(device=device, dtype=self.error_dtype, copy=True) for k, v in errors.items()}
+        self.qs = {k: v.to(device) if device is not None else v for k, v in qs.items()}
         self.skipped = state.get("skipped", 0)
         self._pending_errors, self._pending_qs = {}, {}
         self._generator.set_state(state["generator"])

@@ -239,8 +239,8 @@ class Checkpointer:
         ``check(folder, marker)`` sees the chosen checkpoint's marker (the client state it was saved
         with) before anything is loaded or moved, and raises if it does not fit the run. A ZeRO
         checkpoint of another number of ranks is loaded through its universal form
-        (``training/reshard.py``); this rank then takes old rank ``rank % old ranks``'s RNG states,
-        and its own state is empty (the trainer re-deals the data position from every old rank's).
+        (``training/reshard.py``); this rank then takes old rank ``rank % old ranks``'s state (the
+        trainer keeps what still applies).
 
         Returns (tag, client state, this rank's state, rank 0's shared state), or None when no
         checkpoint was ever completed.
@@ -259,11 +259,9 @@ class Checkpointer:
             _, client = engine.load_checkpoint(str(self.dir), tag=tag)
         rank_state: dict[str, Any] = {}
         path = folder / f"rng_rank{self.rank % old_world}.pt"
-        if path.exists():
-            rank_state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states live on the host
+        if path.exists():  # RNG states live on the host; mapped: what the trainer leaves unused is not read
+            rank_state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             restore_rng_state(rank_state)
-            if old_world != world:
-                rank_state = {}
         shared = folder / "trainer_state.pt"
         shared_state = torch.load(shared, weights_only=True) if shared.exists() else {}
         self._set_skipped_aside(tag)

@@ -14,8 +14,9 @@ number of ranks (from its marker):
 - the step, LR schedule, loss scale, per-resblock scales and the dVAE's EMA come from the
   checkpoint as at the same size; each rank takes the RNG states of old rank ``rank % old ranks``;
   a streamed data set's position is re-dealt from every old rank's (``dalle_ds.data``); the
-  PowerSGD hook starts afresh (its error feedback and Q's belong to the old ranks' gradient
-  partitions; a fresh start costs one step of compression error, as at the hook's first step).
+  PowerSGD hook's residuals and Q's start afresh (they belong to the old ranks' gradient
+  partitions; a fresh start costs one step of compression error, as at the hook's first step)
+  while its schedule (step count, counters) carries on.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def prepared_ds_config(cfg, raw: dict[str, Any], world: int, chosen, log) -> dic
         return prepared
     (tag, marker), micro = chosen, prepared["train_micro_batch_size_per_gpu"]
     accum = kept_global_batch(marker, Path(cfg.output_dir) / "checkpoints" / tag, micro, world)
+    fresh = "; PowerSGD's residuals and Q's start afresh" if raw.get("communication_hook") else ""
     log(f"--resume: {tag} was written by {marker['world_size']} ranks, resumed on {world}: global batch "
-        f"{accum * micro * world} kept, gradient accumulation {accum}")  # fmt: skip
+        f"{accum * micro * world} kept, gradient accumulation {accum}{fresh}")  # fmt: skip
     return cfg.prepared_ds_config(raw, world, grad_accum=accum)
 
 

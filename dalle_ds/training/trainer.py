@@ -265,7 +265,7 @@ class Trainer(abc.ABC):
         if self.scaler is not None and "grad_scaling" in client:
             self.scaler.load_state_dict(client["grad_scaling"], device=self.engine.device)
         if self.comm_hook is not None and "comm_hook" in rank_state:  # residuals and Q's: on this rank's device
-            self.comm_hook.load_state_dict(rank_state["comm_hook"], device=self.engine.device)
+            self.comm_hook.load_state_dict(rank_state["comm_hook"], device=self.engine.device, buffers=not resharded)
         if self.stream is not None and resharded:
             self.stream.load_state_dict(reshard.stream_state(self.ckpt_dir / tag, client["world_size"], self))
         elif self.stream is not None and "data" in rank_state:

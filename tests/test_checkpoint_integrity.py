@@ -2,6 +2,7 @@
 steps over a damaged or incomplete newest checkpoint to the newest intact one (and stops, deleting
 nothing, when none is intact). The damaged checkpoints are copies of the 2-rank ZeRO-2 test run's."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from launching import STEPS, assert_resumed, ds_config, launch, losses, metrics, train_args
 from shared_runs import run_stage
 
-from dalle_ds.training.checkpointing import COMPLETE, FORMAT, Checkpointer, CheckpointError, file_sha256
+from dalle_ds.training import checkpointing
+from dalle_ds.training.checkpointing import COMPLETE, FORMAT, Checkpointer, CheckpointError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -55,8 +57,28 @@ def test_the_marker_records_every_files_size_and_sha256(copied_run):
     names = sorted(p.name for p in folder.iterdir() if p.name != COMPLETE)
     assert sorted(marker["files"]) == names and MODEL_STATES in names and "rng_rank1.pt" in names
     for name in names:  # the two ranks hashed half the files each; all are right
-        assert marker["files"][name] == {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+        data = (folder / name).read_bytes()  # under 1 GiB: one piece
+        assert marker["files"][name] == {"size": len(data), "sha256": [hashlib.sha256(data).hexdigest()]}
     assert marker["format"] == FORMAT and marker["step"] == STEPS  # the client state is kept beside
+
+
+def test_large_files_are_hashed_in_pieces_and_a_change_is_located(tmp_path, monkeypatch):
+    """Pieces of PIECE bytes (1 GiB; 1000 here), hashed by the ranks between them: a 24 GB model
+    file costs one rank 24 pieces' time no more. A changed byte is reported with its piece."""
+    monkeypatch.setattr(checkpointing, "PIECE", 1000)
+    folder = tmp_path / "checkpoints" / "step00000001"
+    folder.mkdir(parents=True)
+    (folder / "big.pt").write_bytes(bytes(range(256)) * 10)  # 2560 bytes: 3 pieces
+    (folder / "small.pt").write_bytes(b"x" * 10)
+    files = checkpointing.manifest(folder)
+    data = (folder / "big.pt").read_bytes()
+    assert files["big.pt"] == {"size": 2560, "sha256": [hashlib.sha256(data[i : i + 1000]).hexdigest() for i in
+                                                        (0, 1000, 2000)]}  # fmt: skip
+    (folder / COMPLETE).write_text(json.dumps({"step": 1, "format": FORMAT, "files": files}))
+    assert Checkpointer(folder.parent, rank=0, keep=1).verify("step00000001") == []
+    flip_byte(folder / "big.pt")  # byte 1280: the second piece
+    [problem] = Checkpointer(folder.parent, rank=0, keep=1).verify("step00000001")
+    assert problem.endswith("big.pt: contents differ from the SHA-256 recorded when saved (bytes 1000 to 2000)")
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

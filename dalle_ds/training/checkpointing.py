@@ -13,7 +13,8 @@ A checkpoint is a folder ``<output>/checkpoints/stepNNNNNNNN`` holding
   state, where ``--resume`` compares them with the resumed run's);
 - ``complete.json``, written by rank 0 after every rank has finished writing (a barrier), and only
   then ``latest`` is pointed at it: the client state plus ``format`` (:data:`FORMAT`) and every
-  other file's size and SHA-256 (``files``; the ranks hash the folder's files between them). A crash
+  other file's size and the SHA-256 of each 1 GiB piece of it (``files``; the ranks hash the pieces
+  between them, so a 24 GB model-states file takes 24 ranks about a second). A crash
   at any moment leaves the previous complete checkpoint as the one ``--resume`` picks.
 
 ``--resume`` verifies a checkpoint before loading it (sizes and digests, the files shared among the
@@ -64,16 +65,37 @@ COMPLETE = "complete.json"  # written into a checkpoint folder once every rank h
 FORMAT = 1  # complete.json's "format": the checkpoint layout this code writes (absent: written before it)
 SET_ASIDE = "set_aside"  # where --resume moves checkpoints newer than the one it loads
 TAG = re.compile(r"step\d+$")
-CHUNK = 1 << 24  # bytes hashed per read
+PIECE = 1 << 30  # bytes per SHA-256 in the marker: the ranks hash a large file's pieces at once
+READ = 1 << 24  # bytes per read while hashing
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint can be resumed (the message lists what was checked), or one does not fit the run."""
 
 
-def file_sha256(path: Path) -> str:
+def piece_sha256(path: Path, index: int) -> str:
+    """SHA-256 of piece ``index`` of ``path``: bytes ``index * PIECE`` up to the next piece."""
+    digest, left = hashlib.sha256(), PIECE
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        f.seek(index * PIECE)
+        while left and (block := f.read(min(READ, left))):
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def _pieces(size: int) -> int:
+    return max(1, -(-size // PIECE))
+
+
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a checkpoint folder with its size and the SHA-256 of each of its pieces, the
+    pieces hashed by the ranks between them (collective; the listing is rank 0's)."""
+    listed = {n: (folder / n).stat().st_size for n in _listing(folder)} if dd.rank() == 0 else None
+    sizes = dd.all_gather_object(listed)[0]
+    pieces = [(n, i) for n, size in sizes.items() for i in range(_pieces(size))]
+    digests = _shared_out(pieces, lambda piece: piece_sha256(folder / piece[0], piece[1]))
+    return {n: {"size": size, "sha256": [digests[n, i] for i in range(_pieces(size))]} for n, size in sizes.items()}
 
 
 def _listing(folder: Path) -> list[str]:
@@ -82,10 +104,10 @@ def _listing(folder: Path) -> list[str]:
     return sorted(n for n in names if n != COMPLETE and not n.rsplit("/", 1)[-1].startswith("."))
 
 
-def _shared_out(names: list[str], check: Callable[[str], Any]) -> dict[str, Any]:
-    """``check`` applied to this rank's share of ``names`` (every world-th from its rank), every
+def _shared_out(items: list, check: Callable[[Any], Any]) -> dict[Any, Any]:
+    """``check`` applied to this rank's share of ``items`` (every world-th from its rank), every
     rank's results merged (collective)."""
-    mine = {n: check(n) for n in names[dd.rank() :: dd.world_size()]}
+    mine = {item: check(item) for item in items[dd.rank() :: dd.world_size()]}
     merged: dict[str, Any] = {}
     for part in dd.all_gather_object(mine):
         merged.update(part)
@@ -146,8 +168,7 @@ class Checkpointer:
         before_complete()
         dd.barrier()
         folder = self.dir / tag
-        names = dd.all_gather_object(_listing(folder) if self.rank == 0 else None)[0]
-        files = _shared_out(names, lambda n: {"size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)})
+        files = manifest(folder)
         if self.rank == 0:
             marker = {**client, "format": FORMAT, "files": dict(sorted(files.items()))}
             atomic_write_text(folder / COMPLETE, json.dumps(marker) + "\n")
@@ -175,19 +196,23 @@ class Checkpointer:
             return None
         expected = head["files"]
 
-        def check(name: str) -> str | None:
-            path = folder / name
+        def check(piece: tuple[str, int]) -> str | None:
+            (name, i), path, size = piece, folder / piece[0], expected[piece[0]]["size"]
             if not path.is_file():
                 return f"{path}: missing"
-            size = path.stat().st_size
-            if size != expected[name]["size"]:
-                return f"{path}: {size} bytes, {expected[name]['size']} when saved (truncated or replaced)"
-            if file_sha256(path) != expected[name]["sha256"]:
-                return f"{path}: contents differ from the SHA-256 recorded when saved"
+            if path.stat().st_size != size:
+                return f"{path}: {path.stat().st_size} bytes, {size} when saved (truncated or replaced)"
+            if piece_sha256(path, i) != expected[name]["sha256"][i]:
+                where = f" (bytes {i * PIECE} to {min(size, (i + 1) * PIECE)})" if size > PIECE else ""
+                return f"{path}: contents differ from the SHA-256 recorded when saved{where}"
             return None
 
-        problems = _shared_out(sorted(expected), check)
-        return [problems[n] for n in sorted(problems) if problems[n]]
+        pieces = [(n, i) for n in sorted(expected) for i in range(_pieces(expected[n]["size"]))]
+        problems: dict[str, str] = {}
+        for (name, _), problem in sorted(_shared_out(pieces, check).items()):
+            if problem and name not in problems:
+                problems[name] = problem
+        return list(problems.values())
 
     def newest_intact(self) -> tuple[str | None, list[tuple[str, list[str]]]]:
         """The newest checkpoint that passes :meth:`verify` and the newer ones it steps over with

@@ -191,3 +191,5 @@ def test_powersgd_and_a_stream_resume_on_one_rank(workdir, dvae_dir, shards, tmp
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["comm_bytes"] < r["comm_bytes_plain"] for r in rows[4:])  # compressing from step 2 on
+    counts = [json.loads((out / "data_counts.json").read_text()) for out in (ref, run)]
+    assert counts[0] == counts[1] and counts[0]["samples"] == STEPS * 4  # every sample of the steps, once

@@ -11,6 +11,7 @@ together they give the uninterrupted run's losses.
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -138,3 +139,20 @@ def test_launch_sh_forwards_sigusr1_to_the_ranks_and_exits_75(workdir, dvae_dir,
     assert_resumed(out)
     expected = reference(workdir, dvae_dir, shards)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_a_checkpoint_written_on_preemption_exports_as_deepspeed_consolidates_it(workdir, dvae_dir, shards, tmp_path):
+    """scripts/export_checkpoint.py (streaming, the latest tag) on the step-3 checkpoint the group
+    run saved when signalled: the weights DeepSpeed's own zero_to_fp32 consolidates in memory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dalle_ds import load_model
+
+    ckpt = group_run(workdir, dvae_dir, shards)[0] / "checkpoints"
+    script = runpy.run_path(str(ROOT / "scripts" / "export_checkpoint.py"))
+    argv = ["--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "x"), "--max-shard-size", "64KB"]
+    assert script["main"](argv) == 0
+    got = load_model(tmp_path / "x").state_dict()
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step00000003")
+    assert set(got) == set(reference) and len(got) > 10
+    assert all(torch.equal(got[k], reference[k].float()) for k in got)

@@ -5,6 +5,7 @@ ZeRO-2 + PowerSGD run below gives the stream's exact resume (test_training), Pow
 and error-feedback resume, and the record of every collective (test_distributed)."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,15 @@ def _once(name: str, make) -> Path:
     if name not in _done:
         _done[name] = make()
     return _done[name]
+
+
+def copied_zero2_run(workdir: Path, dvae_dir: Path, dest: Path) -> tuple[Path, Path]:
+    """(the finished ZeRO-2 run of :func:`run_stage`, a copy of it at ``dest`` without its export):
+    checkpoints at steps 4 and 6 to damage or resume without touching the shared run."""
+    out, proc = run_stage("zero2", workdir, dvae_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("final"))
+    return out, dest
 
 
 def stream_run_args(workdir: Path, dvae_dir: Path, shards: Path, out: Path) -> list:

@@ -4,13 +4,12 @@ nothing, when none is intact). The damaged checkpoints are copies of the 2-rank 
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from launching import STEPS, assert_resumed, ds_config, launch, losses, metrics, train_args
-from shared_runs import run_stage
+from shared_runs import copied_zero2_run
 
 from dalle_ds.training import checkpointing
 from dalle_ds.training.checkpointing import COMPLETE, FORMAT, Checkpointer, CheckpointError
@@ -38,12 +37,8 @@ DAMAGE = {  # name: (file in the checkpoint, what is done to it, what the report
 
 @pytest.fixture
 def copied_run(workdir, dvae_dir, tmp_path):
-    """The finished ZeRO-2 run (checkpoints step4 and step6) copied without its export."""
-    out, proc = run_stage("zero2", workdir, dvae_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    copy = tmp_path / "run"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("final"))
-    return out, copy
+    """(the finished ZeRO-2 run, its copy to damage)."""
+    return copied_zero2_run(workdir, dvae_dir, tmp_path / "run")
 
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:

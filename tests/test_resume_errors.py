@@ -6,13 +6,12 @@ ranks, where rank 0 alone prints the message and every rank exits with status 2.
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from launching import STEPS, ds_config, launch, train_args
-from shared_runs import run_stage
+from shared_runs import copied_zero2_run
 
 from dalle_ds import DiscreteVAE, get_preset, load_dvae, save_model
 from dalle_ds.models.config import save_config
@@ -27,12 +26,8 @@ NEWEST = f"step{STEPS:08d}"
 
 @pytest.fixture
 def run(workdir, dvae_dir, tmp_path):
-    """The finished ZeRO-2 DALL-E run (checkpoints step4 and step6) copied without its export."""
-    out, proc = run_stage("zero2", workdir, dvae_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    copy = tmp_path / "run"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("final"))
-    return copy
+    """A copy of the finished ZeRO-2 DALL-E run (checkpoints step4 and step6) without its export."""
+    return copied_zero2_run(workdir, dvae_dir, tmp_path / "run")[1]
 
 
 def listing(folder: Path) -> dict[str, int]:

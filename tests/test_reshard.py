@@ -137,15 +137,32 @@ def test_export_from_the_universal_copy_equals_the_checkpoints(stage, workdir, d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_conversion_is_made_once_and_reused(workdir, dvae_dir, tmp_path):
+def test_the_conversion_is_made_once_verified_and_reused(workdir, dvae_dir, tmp_path):
+    """Converted once (a marker of its files' SHA-256s beside), reused while intact, made again when
+    damaged; a copy without a marker (made ahead with DeepSpeed's tool) is used as it is."""
     run = copy_at_step4(source("dalle", 2, "fp32", 2, workdir, dvae_dir), tmp_path / "run")
     cfg_args = args("dalle", workdir, dvae_dir, run, 2, "fp32", "--resume")
-    assert launch(PROBE, "dalle", tmp_path / "a", *cfg_args, nprocs=1).returncode == 0
-    converted = run / "checkpoints" / TAG / UNIVERSAL / "zero" / "optimizer_state.pt"
+    universal = run / "checkpoints" / TAG / UNIVERSAL
+
+    def resume(name: str) -> str:
+        proc = launch(PROBE, "dalle", tmp_path / name, *cfg_args, nprocs=1)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    assert f"converted {TAG} to {universal}" in resume("a")
+    converted = universal / "zero" / "optimizer_state.pt"
     made = converted.stat().st_mtime_ns
-    assert launch(PROBE, "dalle", tmp_path / "b", *cfg_args, nprocs=1).returncode == 0
-    assert converted.stat().st_mtime_ns == made
+    assert f"using {universal}\n" in resume("b") and converted.stat().st_mtime_ns == made
     assert not list((run / "checkpoints" / TAG).glob(".*tmp*"))
+    moments = universal / "zero" / "blocks.0.attn.qkv.weight" / "exp_avg.pt"
+    data = bytearray(moments.read_bytes())
+    data[len(data) // 2] ^= 1
+    moments.write_bytes(bytes(data))
+    log = resume("c")
+    assert f"{moments}: contents differ from the SHA-256 recorded when saved): converting again" in log
+    assert converted.stat().st_mtime_ns != made
+    (universal / "complete.json").unlink()
+    assert f"using {universal} (converted outside dalle-ds, not verified)" in resume("d")
 
 
 def test_a_global_batch_the_new_ranks_cannot_make_is_refused_with_the_numbers(workdir, dvae_dir, tmp_path):

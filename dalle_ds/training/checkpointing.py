@@ -279,7 +279,8 @@ class Checkpointer:
         check(folder, marker)
         old_world, world = marker.get("world_size", dd.world_size()), dd.world_size()
         if old_world != world and any(folder.glob("*zero_pp_rank_*_optim_states.pt")):
-            _, client = ds_adapter.load_universal(engine, folder, reshard.universal_copy(folder, self.rank).name)
+            universal = reshard.universal_copy(folder, self.rank, self.log)
+            _, client = ds_adapter.load_universal(engine, folder, universal.name)
         else:
             _, client = engine.load_checkpoint(str(self.dir), tag=tag)
         rank_state: dict[str, Any] = {}

@@ -21,6 +21,7 @@ number of ranks (from its marker):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -75,21 +76,39 @@ def prepared_ds_config(cfg, raw: dict[str, Any], world: int, chosen, log) -> dic
     return cfg.prepared_ds_config(raw, world, grad_accum=accum)
 
 
-def universal_copy(folder: Path, rank: int) -> Path:
-    """``folder``'s universal form (converted by rank 0 the first time; collective)."""
+def universal_copy(folder: Path, rank: int, log=lambda msg: None) -> Path:
+    """``folder``'s universal form (collective). Made by rank 0 the first time, with a marker of its
+    files' sizes and SHA-256s like a checkpoint's, and verified by the ranks when reused: a damaged
+    copy is made again. A copy without a marker was converted outside dalle-ds (DeepSpeed's own
+    tool, ahead of the resume): used as it is."""
+    from .checkpointing import COMPLETE, FORMAT, Checkpointer, manifest
+
     target = folder / UNIVERSAL
-    error = None
-    if rank == 0 and not target.is_dir():
-        tmp = folder / f".{UNIVERSAL}.tmp"
+    if target.is_dir():
+        problems = Checkpointer(folder, rank, keep=1).verify(UNIVERSAL) if (target / COMPLETE).exists() else None
+        if not problems:
+            note = " (converted outside dalle-ds, not verified)" if problems is None else ""
+            log(f"--resume: using {target}{note}")
+            return target
+        log(f"--resume: {target} is damaged ({'; '.join(problems)}): converting again")
+        if rank == 0:
+            shutil.rmtree(target)
+    tmp, error = folder / f".{UNIVERSAL}.tmp", None
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             ds_adapter.convert_to_universal(folder, tmp)
-            os.replace(tmp, target)
         except Exception as err:  # reported on every rank, not left for a barrier to hang on
             error = f"{type(err).__name__}: {err}"
     first = dd.all_gather_object(error)[0]
     if first:
         raise RuntimeError(f"{folder}: converting to DeepSpeed's universal checkpoint format failed: {first}")
+    files = manifest(tmp)
+    if rank == 0:
+        (tmp / COMPLETE).write_text(json.dumps({"format": FORMAT, "source": folder.name, "files": files}) + "\n")
+        os.replace(tmp, target)
+    dd.barrier()
+    log(f"--resume: converted {folder.name} to {target}")
     return target
 
 

@@ -12,8 +12,10 @@ Both compute the same function (see :mod:`dalle_ds.models.masks` for the masks):
   a block needs only its own rows. All blocks go through one batched SDPA call
   with a small per-block mask; no tensor of ``n x n`` (or image x image) scores
   is ever formed.
+* ``flex``: PyTorch's FlexAttention with a BlockMask of the same masks (:mod:`.flex`); forward
+  only on the CPU.
 
-``auto`` picks one of the two per call from the device and the full sequence length; see
+``auto`` picks ``dense`` or ``block`` per call from the device and the full sequence length; see
 :func:`resolve_attention_impl`.
 """
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .flex import check_backward, flex_attention
 from .kv_cache import BoundedKVCache, KVCache
 from .masks import ATTENTION_KINDS, allowed, attention_mask
 
@@ -36,11 +39,12 @@ __all__ = [
     "SparseAttention",
     "block_attention",
     "dense_attention",
+    "flex_attention",
     "resolve_attention_impl",
     "sparse_attention",
 ]
 
-ATTENTION_IMPLS = ("auto", "block", "dense")
+ATTENTION_IMPLS = ("auto", "block", "dense", "flex")
 
 AUTO_CPU_DENSE_MAX_LEN = 128
 """``auto`` on the CPU runs ``dense`` for sequences of at most this many positions, ``block`` above.
@@ -51,17 +55,23 @@ are 80 and 97) dense was as fast or faster in 7 of 8 runs (block 0.63-1.11x dens
 positions block was faster in 6 of 7 (0.93-1.68x), and 2.7x at the paper's 1280."""
 
 
-def resolve_attention_impl(impl: str, device_type: str, seq_len: int) -> str:
+def resolve_attention_impl(impl: str, device_type: str, seq_len: int, needs_grad: bool = True) -> str:
     """What ``impl`` runs as on ``device_type`` for a full sequence of ``seq_len`` (text_len + grid**2).
 
-    ``block`` and ``dense`` stay. ``auto`` on the CPU: ``dense`` when ``seq_len <=
-    AUTO_CPU_DENSE_MAX_LEN`` (one SDPA call beats the block path's gathers on short sequences),
-    else ``block`` (its split-softmax CPU flash kernels); both measured. On any other device
-    (CUDA): ``block`` in its one-SDPA-call form; not timed against dense on a GPU yet, chosen as it
-    computes ~4x fewer scores at the paper's size (64-layer mix) and forms no ``n x n`` tensor.
+    ``block``, ``dense`` and ``flex`` stay; ``flex`` where a backward is needed (``needs_grad``) and
+    the device has none (the CPU) raises :func:`.flex.check_backward`'s error. ``auto`` on the CPU:
+    ``dense`` when ``seq_len <= AUTO_CPU_DENSE_MAX_LEN`` (one SDPA call beats the block path's
+    gathers on short sequences), else ``block`` (its split-softmax CPU flash kernels); both
+    measured. On any other device (CUDA): ``block`` in its one-SDPA-call form; not timed against
+    dense on a GPU yet, chosen as it computes ~4x fewer scores at the paper's size (64-layer mix)
+    and forms no ``n x n`` tensor. ``auto`` never picks ``flex``: it stays ``block`` on CUDA until a
+    GPU has timed flex against it, and it picks only paths that run backward where gradients are
+    needed (flex has none on the CPU).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl={impl!r}: must be one of {ATTENTION_IMPLS}")
+    if impl == "flex" and needs_grad:
+        check_backward(device_type)
     if impl != "auto":
         return impl
     if device_type == "cpu":
@@ -332,18 +342,22 @@ _PLAN_CACHE: dict[tuple, TilePlan] = {}
 def sparse_attention(
     q, k, v, kind: str, text_len: int, grid_size: int, conv_kernel: int = 11, impl: str = "block", block_rows: int = 2
 ):
-    """Dispatch to an implementation ('auto': :func:`resolve_attention_impl`); 'block' falls back
-    to 'dense' for partial sequences."""
-    impl = resolve_attention_impl(impl, q.device.type, text_len + grid_size**2)
-    if impl == "block" and q.shape[-2] == text_len + grid_size**2:
-        return block_attention(q, k, v, kind, text_len, grid_size, conv_kernel, block_rows)
+    """Dispatch to an implementation ('auto': :func:`resolve_attention_impl`); 'block' and 'flex'
+    fall back to 'dense' for partial sequences (prefills when sampling)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    impl = resolve_attention_impl(impl, q.device.type, text_len + grid_size**2, needs_grad)
+    if q.shape[-2] == text_len + grid_size**2:
+        if impl == "block":
+            return block_attention(q, k, v, kind, text_len, grid_size, conv_kernel, block_rows)
+        if impl == "flex":
+            return flex_attention(q, k, v, kind, text_len, grid_size, conv_kernel)
     return dense_attention(q, k, v, kind, text_len, grid_size, conv_kernel)
 
 
 class SparseAttention(nn.Module):
     """Multi-head self-attention with one of the DALL-E masks (row, column or conv).
 
-    ``impl``: 'block', 'dense' or 'auto' (resolved per forward from the input's device, see
+    ``impl``: 'block', 'dense', 'flex' or 'auto' (resolved per forward from the input's device, see
     :func:`resolve_attention_impl`)."""
 
     def __init__(

@@ -167,10 +167,12 @@ class DalleConfig(_ConfigBase):
     """Weight of the text cross-entropy (the image one gets 1 - this)."""
     attention_impl: str = "auto"
     """'block' (sparse blocks, never an n x n score matrix), 'dense' (SDPA with the full mask, the
-    reference) or 'auto', which picks per forward from the input's device and seq_len: on the CPU
-    'dense' for seq_len <= 128 and 'block' above (where each was measured faster, docs/benchmarks.md,
-    "Short sequences"), on CUDA and other devices 'block' (about 4x fewer scores at the paper's size;
-    not yet timed on a GPU). The rule: ``dalle_ds.models.attention.resolve_attention_impl``."""
+    reference), 'flex' (PyTorch's FlexAttention with a block mask; no backward on the CPU) or 'auto',
+    which picks per forward from the input's device and seq_len: on the CPU 'dense' for seq_len <=
+    128 and 'block' above (where each was measured faster, docs/benchmarks.md, "Short sequences"),
+    on CUDA and other devices 'block' (about 4x fewer scores at the paper's size; not yet timed on a
+    GPU); never 'flex' until a GPU has timed it. The rule:
+    ``dalle_ds.models.attention.resolve_attention_impl``."""
     block_rows: int = 2
     """Image rows per query tile of row/column layers in the block attention implementation."""
     conv_block_rows: int = 4
@@ -224,11 +226,11 @@ class DalleConfig(_ConfigBase):
             "must be in [0, 1]",
         )
         _require(
-            self.attention_impl in ("auto", "block", "dense"),
+            self.attention_impl in ("auto", "block", "dense", "flex"),
             c,
             "attention_impl",
             self.attention_impl,
-            "must be one of 'auto', 'block', 'dense'",
+            "must be one of 'auto', 'block', 'dense', 'flex'",
         )
         _require(self.layer_norm_eps > 0, c, "layer_norm_eps", self.layer_norm_eps, "must be > 0")
         _require(self.init_std > 0, c, "init_std", self.init_std, "must be > 0")

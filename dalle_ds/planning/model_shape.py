@@ -11,6 +11,8 @@ On the meta device ``scaled_dot_product_attention`` takes its math path, which s
 fp32 attention matrix; the fused kernels a real run takes (flash on CPU, memory-efficient or cuDNN
 on GPU with a mask) save the inputs, the output, the mask as a bias and one fp32 log-sum-exp per
 query. The trace stands in an op that saves exactly that (tests compare with a real forward).
+FlexAttention (``attention_impl: flex``) cannot run on the meta device; the trace stands in the same
+op for its kernel, without a bias (its block mask is a few small index tensors, shared by layers).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..models import flex
 from ..models.attention import resolve_attention_impl
 from ..models.config import DalleConfig, DVAEConfig
 from ..models.dalle import DALLE
@@ -123,12 +126,12 @@ class ActivationTrace:
 def _fused_attention() -> Iterator[None]:
     """Attention as fused kernels save it, and torch's own ``F.linear``: DeepSpeed's first
     ``zero.Init`` in a process replaces it for good, and the trace must not depend on whether one ran."""
-    original, linear = F.scaled_dot_product_attention, F.linear
-    F.scaled_dot_product_attention, F.linear = _fused_sdpa, torch._C._nn.linear
+    original, linear, flex_kernel = F.scaled_dot_product_attention, F.linear, flex._kernel
+    F.scaled_dot_product_attention, F.linear, flex._kernel = _fused_sdpa, torch._C._nn.linear, _fused_flex
     try:
         yield
     finally:
-        F.scaled_dot_product_attention, F.linear = original, linear
+        F.scaled_dot_product_attention, F.linear, flex._kernel = original, linear, flex_kernel
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -150,6 +153,10 @@ class _FusedAttention(torch.autograd.Function):
 def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     bias = None if attn_mask is None else attn_mask.new_empty(attn_mask.shape, dtype=q.dtype)
     return _FusedAttention.apply(q, k, v, bias)
+
+
+def _fused_flex(q, k, v, block_mask, compile):
+    return _FusedAttention.apply(q, k, v, None)
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 from ..distributed.powersgd import PowerSGDConfig
+from ..models.attention import resolve_attention_impl
 from ..models.config import DalleConfig, DVAEConfig
 from .layout import EngineSettings, Layout, PlanError
 from .model_shape import dvae_param_count, model_shape, trace_activations
@@ -246,6 +247,10 @@ def plan_run(
     P = shape.numel
     notes: list[str] = []
     part = partitions(shape, e, W)
+    try:  # the attention path training takes on this device, and whether it can run backward there
+        resolve_attention_impl(config.attention_impl, device_type, config.text_len + config.image_len)
+    except RuntimeError as err:
+        raise PlanError(str(err)) from None
     comps, grads_backward, grads_step = _model_states(e, part, P, device_type)
     trace = trace_activations(config, e.micro_batch, e.torch_dtype, device_type)
     if e.checkpointing:
@@ -313,11 +318,15 @@ def plan_run(
 def _attention_temporaries(config: DalleConfig, e: EngineSettings, impl: str) -> int:
     """Estimate: the score tiles one attention call holds (fp32 scores and probabilities). Block
     attention computes one tile of query rows at a time against the text and the keys its mask
-    reaches; dense attention the whole n x n matrix (fused GPU kernels hold far less)."""
+    reaches; dense attention the whole n x n matrix (fused GPU kernels hold far less). FlexAttention
+    keeps its tiles on chip and writes no scores to memory: counted is what its backward adds, one
+    fp32 value per query and head (its saved tensors are in the activation trace)."""
     B, H = e.micro_batch, config.n_heads
     n = config.text_len + config.image_len
     if "dense" in impl:
         return B * H * n * n * 4 * 2 + n * n
+    if impl == "flex":
+        return B * H * n * 4
     g = config.image_grid
     q_tile = max(config.block_rows, config.conv_block_rows) * g
     k_tile = config.text_len + (config.conv_block_rows + config.conv_kernel // 2) * g

@@ -2,13 +2,15 @@
 """Benchmark one attention op (forward + backward) at the paper's sequence length.
 
     python scripts/bench_attention.py [--rounds 15] [--threads 1]
+    python scripts/bench_attention.py --sparsity [--flex-block-size 128]
 
 For each layer kind (row, column, conv) it times, interleaved in one process:
   block   - dalle_ds's block-sparse path (what training uses)
   dense   - SDPA with the full boolean mask (the reference)
   causal  - SDPA with is_causal=True (computes every causal pair, ~3x what the masks need)
 and prints per-round time ratios (median and quartiles) plus the peak extra resident memory of
-one forward + backward, each measured in a fresh subprocess.
+one forward + backward, each measured in a fresh subprocess. ``--sparsity`` instead prints the
+share of tiles each kind's FlexAttention BlockMask skips (``attention_impl: flex``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ import sys
 
 import torch
 
-from dalle_ds.bench.attention import IMPLS, AttentionShape, inputs, measure_memory, ratios, schedule_ratios, time_kind
+from dalle_ds.bench.attention import (
+    IMPLS,
+    AttentionShape,
+    flex_sparsity,
+    inputs,
+    measure_memory,
+    ratios,
+    schedule_ratios,
+    time_kind,
+)
+from dalle_ds.models.flex import FLEX_BLOCK_SIZE
 
 
 def child_memory(impl: str, kind: str, shape: AttentionShape, threads: int) -> float:
@@ -50,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", default="row", help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--sparsity", action="store_true", help="print the flex BlockMasks' skipped tiles, no timing")
+    parser.add_argument("--flex-block-size", type=int, default=FLEX_BLOCK_SIZE)
     args = parser.parse_args(argv)
     shape = AttentionShape(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AttentionShape)})
     torch.set_num_threads(args.threads)
@@ -58,6 +72,12 @@ def main(argv=None) -> int:
         return 0
 
     n = args.text_len + args.grid**2
+    if args.sparsity:
+        b = args.flex_block_size
+        print(f"text {args.text_len} + image {args.grid}x{args.grid} = {n}; flex blocks of {b}: {-(-n // b)}^2 tiles")
+        for kind in args.kinds.split(","):
+            print(f"{kind:<7} {flex_sparsity(kind, shape, b):5.1f}% of tiles skipped")
+        return 0
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); B={args.batch} H={args.heads} d={args.head_dim} "
         f"text {args.text_len} + image {args.grid}x{args.grid} = {n}; block_rows {args.block_rows}; fp32 CPU"

@@ -4,6 +4,9 @@ peak extra resident memory (``scripts/bench_attention.py`` prints the table):
   block   - dalle_ds's block-sparse path (what training uses)
   dense   - SDPA with the full boolean mask (the reference)
   causal  - SDPA with is_causal=True (computes every causal pair, ~3x what the masks need)
+
+and, for ``attention_impl: flex``, the share of (query block, key block) tiles each kind's
+BlockMask lets FlexAttention skip (:func:`flex_sparsity`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch.nn.functional as F
 
 from dalle_ds import layer_schedule
 from dalle_ds.models.attention import block_attention, dense_attention
+from dalle_ds.models.flex import FLEX_BLOCK_SIZE, flex_block_mask
 
 __all__ = [
     "IMPLS",
     "AttentionShape",
+    "flex_sparsity",
     "inputs",
     "make_fn",
     "measure_memory",
@@ -117,6 +122,12 @@ def time_kind(kind: str, s: AttentionShape, qkv, grad, rounds: int) -> dict[str,
             step(fns[impl], qkv, grad)
             times[impl].append(time.perf_counter() - t0)
     return times
+
+
+def flex_sparsity(kind: str, s: AttentionShape, block_size: int = FLEX_BLOCK_SIZE) -> float:
+    """Percent of the (query block, key block) tiles FlexAttention skips for ``kind`` (the image in
+    column-major order for ``column`` layers, as :mod:`dalle_ds.models.flex` runs it)."""
+    return flex_block_mask(kind, s.text_len, s.grid, s.conv_kernel, "cpu", block_size).sparsity()
 
 
 def quartiles(xs):

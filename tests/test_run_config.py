@@ -55,7 +55,7 @@ def test_the_flags_of_earlier_releases_keep_working():
         "preset": "dalle-tiny", "deepspeed_config": "c.json", "output_dir": "out", "dvae": "d",
         "data": {"source": "shards/", "image_column": "jpg", "caption_column": "txt", "workers": 0,
                  "shuffle_buffer": 16, "english_only": True, "synthetic_size": 64, "holdout": 20},
-        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 3, "seed": 7, "max_bad_steps": 2},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 3, "seed": 7, "max_bad_steps": 2, "compile": False},
         "optimizer": {"lr": 3e-3, "betas": [0.9, 0.96], "eps": 1e-8, "weight_decay": 4.5e-2},
         "schedule": {"warmup_steps": 1, "lr_end": None},
         "checkpoint": {"save_every": 2, "keep": 3, "export_shard_size": "64KB", "resume": True},

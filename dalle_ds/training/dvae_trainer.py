@@ -35,6 +35,8 @@ class DVAETrainer(Trainer):
     def build_model(self):
         if not isinstance(self.config, DVAEConfig):
             raise UsageError(f"--preset {self.cfg.preset} is not a dVAE config")
+        if self.cfg.train.compile:
+            raise UsageError("train.compile (--compile) compiles transformer blocks; the dVAE has none: remove it")
         if self.cfg.dvae.ema and self.zero3:
             raise UsageError("--ema needs whole parameters on every rank: use ZeRO stage 0-2 for the dVAE")
         model = DiscreteVAE(self.config)

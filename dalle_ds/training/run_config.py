@@ -105,6 +105,9 @@ class TrainSettings:
     )  # fmt: skip
     seed: int = setting(0, "seed of the initial weights, the data order and every rank's noise streams")
     max_bad_steps: int = setting(5, "stop (after saving) when the loss is non-finite this many steps in a row")
+    compile: bool = setting(
+        False, "torch.compile each transformer block, compiled at the first step (the dVAE has none and refuses it)"
+    )
 
     def __post_init__(self):
         _check(self.steps is None or self.steps >= 1, "train.steps", self.steps, "must be >= 1")

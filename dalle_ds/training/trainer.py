@@ -38,6 +38,7 @@ from ..utils.images import as_float_image
 from ..utils.seeding import derive_seed
 from . import reshard
 from .checkpointing import Checkpointer, export_checkpoint
+from .compile_blocks import wrap_blocks
 from .errors import TrainingStopped, UsageError
 from .faults import Faults
 from .grad_scaling import ResblockGradScaler, ResblockScalingConfig, install_resblock_scaling, skipping_step
@@ -108,8 +109,8 @@ class Trainer(abc.ABC):
         self.model = self.build_model()
         if self.rank == 0:
             save_config(self.config, self.out / "model_config.yaml")
-        self.scaler = self.install_grad_scaling()  # before activation checkpointing wraps the blocks
-        self.checkpointed = ds_adapter.apply_activation_checkpointing(self.model_blocks(), self.ds_config)
+        self.scaler = self.install_grad_scaling()  # before compile and activation checkpointing wrap the blocks
+        self.checkpointed = wrap_blocks(self.model_blocks(), self.ds_config, self.cfg.train.compile, self.log)
         optimizer, scheduler = self.build_optimizer(self.model)
         self.engine, self.optimizer, self.scheduler = ds_adapter.build_engine(
             self.model, self.ds_config, optimizer, scheduler

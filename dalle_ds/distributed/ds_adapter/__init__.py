@@ -1,7 +1,8 @@
 """The one place that touches DeepSpeed: engine construction and every use of its internals.
 
 dalle-ds drives DeepSpeed through its public API (``deepspeed.initialize``, ``engine.backward`` /
-``step``, ``save_checkpoint`` / ``load_checkpoint``, ``deepspeed.zero``, ``deepspeed.checkpointing``)
+``step``, ``save_checkpoint`` / ``load_checkpoint``, ``deepspeed.zero``, ``deepspeed.checkpointing``,
+``deepspeed.utils.set_z3_leaf_module``)
 and, where that API has no door, through a few internals, all of them in this package:
 
 - the fp16 loss scale (``optimizer.loss_scale_config.cur_scale`` or ``optimizer.cur_scale``);
@@ -47,6 +48,7 @@ from .engine import (
     register_external_parameter,
     set_device,
     zero3_init,
+    zero3_leaf,
 )
 from .estimators import estimate_model_states
 from .fp16_cpu import allow_fp16_on_cpu, force_fp16_on_cpu
@@ -95,4 +97,5 @@ __all__ = [
     "write_monitor",
     "zero3_gather",
     "zero3_init",
+    "zero3_leaf",
 ]

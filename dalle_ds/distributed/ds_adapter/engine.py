@@ -1,5 +1,5 @@
-"""The process group, the engine, and what wraps the model before it: ZeRO-3 construction,
-activation checkpointing, the optimizer DeepSpeed steps."""
+"""The process group, the engine, and what wraps the model before it: ZeRO-3 construction
+and leaf modules, activation checkpointing, the optimizer DeepSpeed steps."""
 
 from __future__ import annotations
 
@@ -111,6 +111,14 @@ def gathered(params, modifier_rank: int | None = None, enabled: bool = True):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def zero3_leaf(module: torch.nn.Module) -> None:
+    """ZeRO-3 gathers ``module``'s parameters all at once, in hooks on ``module`` alone (none on its
+    submodules). Call before :func:`build_engine`, which registers the hooks."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    set_z3_leaf_module(module, True)
 
 
 def register_external_parameter(module: torch.nn.Module, param: torch.nn.Parameter) -> None:

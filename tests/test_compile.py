@@ -4,9 +4,11 @@ trainer at ZeRO 2), the eager forward for sampling, and the combinations refused
 
 Models have one block (one attention kind), so each compiled run builds one graph with grad (and
 one without under activation checkpointing): ~10 s each for inductor on a 2-core CPU, less when
-torch's compile cache already holds the same graph. Tolerance: inductor fuses and reorders fp32
-arithmetic, so values agree to rounding: losses to 1e-6 relative, gradients to 1e-6 of each
-tensor's largest entry (measured: 1e-7 and 7e-7)."""
+torch's compile cache already holds the same graph. A block's first call runs eagerly, so values
+are compared from the second step on. Tolerance: inductor fuses and reorders fp32
+arithmetic, so values agree to rounding: losses to 1e-6 relative (measured: equal), gradients to
+1e-6 of each tensor's largest entry (measured: 5e-7); 2e-5 under activation checkpointing, whose
+recompute runs another graph than the forward it stands for (measured: 8e-6, 1.4e-7 absolute)."""
 
 import copy
 
@@ -35,7 +37,9 @@ def dynamo():
 
 
 def config() -> DalleConfig:
-    return DalleConfig.from_name("dalle-tiny", n_layers=1)
+    # text_len 12: attention masks no other test file fills, so the first compiled run finds their
+    # cache empty (the case that recompiles without an eager first call)
+    return DalleConfig.from_name("dalle-tiny", n_layers=1, text_len=12)
 
 
 def engine_config(stage: int, **sections) -> dict:
@@ -45,11 +49,11 @@ def engine_config(stage: int, **sections) -> dict:
 
 def batch(seed: int):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 128, (2, 64), generator=g)
+    return torch.randint(0, 256, (2, 12), generator=g), torch.randint(0, 128, (2, 64), generator=g)
 
 
-def train(ds_config: dict, compile: bool, steps: int = 2):
-    """Losses of ``steps`` steps and the full gradients of the first, of a one-block DALL-E (built as
+def train(ds_config: dict, compile: bool, steps: int = 3):
+    """Losses of steps 2 .. ``steps`` and the full gradients of step 2, of a one-block DALL-E (built as
     the trainer builds it) whose blocks :func:`wrap_blocks` wrapped, under a DeepSpeed engine."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
@@ -71,40 +75,38 @@ def train(ds_config: dict, compile: bool, steps: int = 2):
     for step in range(steps):
         loss = engine(*batch(step)).loss
         engine.backward(loss)
-        if grads is None:
+        if step == 1:
             grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
         engine.step()
         losses.append(loss.item())
-    return losses, grads, logged
+    return losses[1:], grads, logged
 
 
-def assert_rounding_close(compiled, eager):
+def assert_rounding_close(compiled, eager, grad_tol=1e-6):
     (losses, grads, _), (eager_losses, eager_grads, _) = compiled, eager
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-6, atol=0)
     assert grads.keys() == eager_grads.keys() and len(grads) > 10
     for name, expected in eager_grads.items():
-        atol = 1e-6 * expected.abs().max().item()
+        atol = grad_tol * expected.abs().max().item()
         torch.testing.assert_close(grads[name], expected, rtol=0, atol=atol, msg=name)
 
 
 def test_compiled_blocks_train_as_eager_under_zero1(single_process_group, dynamo):
-    """Two steps: the first step's loss and gradients, and the loss after the update."""
+    """Step 2's loss and gradients, and the loss after its update; compiled first, into empty caches."""
     ds_config = engine_config(1)
-    eager = train(ds_config, compile=False)
-    assert not dynamo["stats"]
     compiled = train(ds_config, compile=True)
-    assert_rounding_close(compiled, eager)
     assert dynamo["stats"]["unique_graphs"] == 1 and not dynamo["graph_break"]
-    assert compiled[2] == ["train.compile: 1 transformer blocks compile at the first step (torch.compile)"]
+    assert compiled[2] == ["train.compile: 1 transformer blocks compile on their second call (torch.compile)"]
+    assert_rounding_close(compiled, train(ds_config, compile=False))
 
 
 def test_a_zero3_step_with_activation_checkpointing_runs_compiled(single_process_group, dynamo):
     """Each block a ZeRO-3 leaf: its parameters gathered by hooks outside the compiled forward, one graph
     without grad (the checkpointed forward) and one with (the recompute in backward), no break."""
     ds_config = engine_config(3, activation_checkpointing={"partition_activations": False})
-    eager = train(ds_config, compile=False, steps=1)
-    compiled = train(ds_config, compile=True, steps=1)
-    assert_rounding_close(compiled, eager)
+    eager = train(ds_config, compile=False, steps=2)
+    compiled = train(ds_config, compile=True, steps=2)
+    assert_rounding_close(compiled, eager, grad_tol=2e-5)
     assert dynamo["stats"]["unique_graphs"] == 2 and not dynamo["graph_break"]
     assert "each a ZeRO-3 leaf module" in compiled[2][0]
 
@@ -126,6 +128,14 @@ def test_per_resblock_grad_scaling_and_compile_are_refused_together():
     install_resblock_scaling(model, ResblockScalingConfig())
     with pytest.raises(UsageError, match=r"train\.compile \(--compile\) and the DeepSpeed JSON's per_resblock_grad"):
         compile_blocks(model.blocks)
+
+
+def test_blocks_whose_attention_runs_block_are_refused():
+    """``block`` attention (chosen by ``auto`` on the CPU above 128 positions) does not trace."""
+    for impl, grid in (("block", 8), ("auto", 16)):
+        model = DALLE(DalleConfig.from_name("dalle-tiny", n_layers=1, attention_impl=impl, image_grid=grid))
+        with pytest.raises(UsageError, match=rf"blocks\[0\] run attention_impl='{impl}' as 'block' on cpu"):
+            compile_blocks(model.blocks, device_type="cpu")
 
 
 def test_the_trainer_compiles_its_blocks_and_trains_as_eager(tmp_path, dvae_dir, single_process_group, dynamo):

@@ -106,7 +106,7 @@ class TrainSettings:
     seed: int = setting(0, "seed of the initial weights, the data order and every rank's noise streams")
     max_bad_steps: int = setting(5, "stop (after saving) when the loss is non-finite this many steps in a row")
     compile: bool = setting(
-        False, "torch.compile each transformer block, compiled at the first step (the dVAE has none and refuses it)"
+        False, "torch.compile each transformer block, compiled in the first two steps (the dVAE has none: refused)"
     )
 
     def __post_init__(self):

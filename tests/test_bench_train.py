@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import ROOT
 
 from dalle_ds import get_preset
-from dalle_ds.bench.train import launch_command, matching_dvae_config, metrics_summary, stage_config
+from dalle_ds.bench.train import compile_seconds, launch_command, matching_dvae_config, metrics_summary, stage_config
 
 
 def test_each_row_trains_the_cpu_config_at_its_stage():
@@ -31,10 +31,13 @@ def test_the_dvae_tokenizes_to_the_transformers_grid_and_codebook():
 
 
 def test_the_command_and_the_row_of_a_run(tmp_path):
-    cmd = launch_command(Path("train.py"), tmp_path / "z1.json", "dalle-tiny", tmp_path / "dvae", tmp_path / "z1", 6, 4)
+    args = (Path("train.py"), tmp_path / "z1.json", "dalle-tiny", tmp_path / "dvae", tmp_path / "z1", 6, 4)
+    cmd = launch_command(*args)
     assert cmd[2:4] == ["--num_gpus", "2"] and cmd[6] == "train.py"
     value = {flag: cmd[cmd.index(flag) + 1] for flag in ("--deepspeed_config", "--steps", "--micro-batch-size")}
     assert value == {"--deepspeed_config": str(tmp_path / "z1.json"), "--steps": "6", "--micro-batch-size": "4"}
     assert cmd[cmd.index("--preset") + 1] == "dalle-tiny" and cmd[-3:] == ["--no-progress", "--bpe-dropout", "0"]
-    rows = [{"tokens_per_s": t, "peak_rss_mb": m} for t, m in [(1, 900), (2, 950), (30, 800), (10, 990), (20, 700)]]
-    assert metrics_summary(rows) == (20, 990)  # the median after two warm-up steps; the largest peak
+    rows = [{"tokens_per_s": t, "peak_rss_mb": m} for t, m in [(1, 900), (4, 950), (30, 800), (10, 990), (20, 700)]]
+    assert metrics_summary(rows) == (20, 990, 1.25)  # the median after two warm-up steps; the largest peak; 1/1 + 1/4
+    assert launch_command(*args, compile=True)[6:] == [*cmd[6:], "--compile"]  # (another master port)
+    assert compile_seconds(step_tokens=1000, eager_start=0.002, compiled_start=0.01) == 8  # 10 s against 2 s

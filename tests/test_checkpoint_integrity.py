@@ -11,7 +11,7 @@ import torch
 from launching import STEPS, assert_resumed, ds_config, launch, losses, metrics, train_args
 from shared_runs import copied_zero2_run
 
-from dalle_ds.training import checkpointing
+from dalle_ds.training import integrity
 from dalle_ds.training.checkpointing import COMPLETE, FORMAT, Checkpointer, CheckpointError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -60,12 +60,12 @@ def test_the_marker_records_every_files_size_and_sha256(copied_run):
 def test_large_files_are_hashed_in_pieces_and_a_change_is_located(tmp_path, monkeypatch):
     """Pieces of PIECE bytes (1 GiB; 1000 here), hashed by the ranks between them: a 24 GB model
     file costs one rank 24 pieces' time no more. A changed byte is reported with its piece."""
-    monkeypatch.setattr(checkpointing, "PIECE", 1000)
+    monkeypatch.setattr(integrity, "PIECE", 1000)
     folder = tmp_path / "checkpoints" / "step00000001"
     folder.mkdir(parents=True)
     (folder / "big.pt").write_bytes(bytes(range(256)) * 10)  # 2560 bytes: 3 pieces
     (folder / "small.pt").write_bytes(b"x" * 10)
-    files = checkpointing.manifest(folder)
+    files = integrity.manifest(folder)
     data = (folder / "big.pt").read_bytes()
     assert files["big.pt"] == {"size": 2560, "sha256": [hashlib.sha256(data[i : i + 1000]).hexdigest() for i in
                                                         (0, 1000, 2000)]}  # fmt: skip

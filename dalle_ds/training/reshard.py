@@ -32,6 +32,7 @@ import torch
 from ..distributed import collectives as dd
 from ..distributed import ds_adapter
 from .errors import UsageError
+from .integrity import COMPLETE, FORMAT, manifest, verify_folder
 
 __all__ = ["UNIVERSAL", "kept_global_batch", "old_rank_states", "prepared_ds_config", "stream_state", "universal_copy"]
 
@@ -81,11 +82,9 @@ def universal_copy(folder: Path, rank: int, log=lambda msg: None) -> Path:
     files' sizes and SHA-256s like a checkpoint's, and verified by the ranks when reused: a damaged
     copy is made again. A copy without a marker was converted outside dalle-ds (DeepSpeed's own
     tool, ahead of the resume): used as it is."""
-    from .checkpointing import COMPLETE, FORMAT, Checkpointer, manifest
-
     target = folder / UNIVERSAL
     if target.is_dir():
-        problems = Checkpointer(folder, rank, keep=1).verify(UNIVERSAL) if (target / COMPLETE).exists() else None
+        problems = verify_folder(target) if (target / COMPLETE).exists() else None
         if not problems:
             note = " (converted outside dalle-ds, not verified)" if problems is None else ""
             log(f"--resume: using {target}{note}")

@@ -11,8 +11,8 @@ was written
   names each by its path and the SHA-256 of its weights as loaded, and the digests must agree.
 
 Another world size fits (the checkpoint is loaded through DeepSpeed's universal format, the global
-batch kept: ``training/reshard.py``), and so does a changed setting (:func:`.run_args.resume_changes` warns about those). Checkpoints written before ``frozen``
-was recorded are not checked for it.
+batch kept: ``training/reshard.py``), and so does a changed setting (:func:`.run_args.resume_changes`
+warns about those). Checkpoints written before ``frozen`` was recorded are not checked for it.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def universal_state(tag_dir: Path, scratch: Path) -> dict[str, dict[str, torch.T
         ds_adapter.convert_to_universal(tag_dir, folder)
     state = {}
     for param in sorted(p for p in (folder / "zero").iterdir() if p.is_dir()):
-        values = {f.stem: torch.load(f, weights_only=False) for f in param.glob("*.pt")}
+        values = {f.stem: torch.load(f, weights_only=True) for f in param.glob("*.pt")}
         state[param.name] = {k: v["param"] if isinstance(v, dict) else v for k, v in values.items()}
     return state
 
@@ -115,8 +115,12 @@ def test_resumed_on_another_number_of_ranks_the_state_is_the_checkpoints(case, w
         "global_batch"
     ]  # fmt: skip
     if precision == "fp16":  # the dynamic loss scale and its counters carry over
-        scalers = [torch.load(d / "zero" / "optimizer_state.pt", weights_only=False)["loss_scaler"]
-                   for d in (run / "checkpoints" / TAG / UNIVERSAL, tmp_path / "u_resaved")]  # fmt: skip
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        with torch.serialization.safe_globals([DynamicLossScaler, ZeroStageEnum]):  # the two classes it pickles
+            scalers = [torch.load(d / "zero" / "optimizer_state.pt", weights_only=True)["loss_scaler"]
+                       for d in (run / "checkpoints" / TAG / UNIVERSAL, tmp_path / "u_resaved")]  # fmt: skip
         assert scalers[0].cur_scale == scalers[1].cur_scale and scalers[0].cur_iter == scalers[1].cur_iter
 
 

@@ -9,8 +9,12 @@ Both compute the same function (see :mod:`dalle_ds.models.masks` for the masks):
   keys plus only the image rows it can see: the previous row and its own for
   ``row`` layers, the ``k // 2`` rows above and its own for ``conv``, and for
   ``column`` layers the image is transposed first, so a column becomes a row and
-  a block needs only its own rows. All blocks go through one batched SDPA call
-  with a small per-block mask; no tensor of ``n x n`` (or image x image) scores
+  a block needs only its own rows. The blocks ride in the batch dimension; each
+  runs two attention calls, over the text keys (no mask) and over its image
+  window (a small bias, or plain causal for columns), merged exactly by their
+  log-sum-exps (:mod:`.split_kernels`: CPU and CUDA kernels), so the text keys
+  are read, not copied per block. Elsewhere one batched SDPA call with the text
+  keys copied into each block. No tensor of ``n x n`` (or image x image) scores
   is ever formed.
 * ``flex``: PyTorch's FlexAttention with a BlockMask of the same masks (:mod:`.flex`); forward
   only on the CPU.
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from .flex import check_backward, flex_attention
 from .kv_cache import BoundedKVCache, KVCache
 from .masks import ATTENTION_KINDS, allowed, attention_mask
+from .split_kernels import SPLIT_KERNELS, SplitKernels, split_kernels_for
 
 __all__ = [
     "ATTENTION_IMPLS",
@@ -172,12 +177,6 @@ def tile_plan(
     )
 
 
-def _has_cpu_flash() -> bool:
-    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
-        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"
-    )
-
-
 def _tiles_in_batch(x, n_tiles: int):
     """(B, H, N, d) -> (B * n_tiles, H, N / n_tiles, d): consecutive queries become batch entries.
 
@@ -202,81 +201,77 @@ def _positions(x, index):
 class _SplitSoftmaxImageAttention(torch.autograd.Function):
     """Image queries over [all text keys] + [their tile's image window] in one softmax.
 
-    The two key sets run as separate flash-attention calls (PyTorch's CPU kernel, which also
-    returns the log-sum-exp) and are merged exactly through their log-sum-exps, so text keys are
-    never copied per tile. Backward reruns the kernel's backward for each part with the merged
-    output and log-sum-exp, which yields the exact gradient of the joint softmax. Tiles ride in
-    the batch dimension so the kernel's tensors keep their (B, L, H, d) memory layout.
+    The two key sets run as separate attention calls of ``kernels`` (each also returns its
+    log-sum-exp) and are merged exactly through their log-sum-exps, so text keys are read once,
+    never copied per tile, and each call takes the fastest kernel its mask allows: the text part
+    has no mask, column tiles are plain causal. Backward reruns the kernels' backward for each part
+    with the merged output and log-sum-exp, which yields the exact gradient of the joint softmax.
+    Tiles ride in the batch dimension so the tensors keep their (B, L, H, d) memory layout.
     """
 
     @staticmethod
-    def forward(ctx, q, kt, vt, kw, vw, bias, causal: bool, n_tiles: int):
+    def forward(ctx, q, kt, vt, kw, vw, bias, causal: bool, n_tiles: int, kernels: SplitKernels):
         # q: (B, H, N, d) image queries in tile order; kt, vt: (B, H, T, d);
         # kw, vw: (B * n_tiles, H, S_w, d) windows; bias: additive (B * n_tiles, 1, L, S_w) or None.
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         B = q.shape[0]
-        ow, lw = flash(_tiles_in_batch(q, n_tiles), kw, vw, 0.0, causal, attn_mask=bias)
+        ow, lw, aux_w = kernels.forward(_tiles_in_batch(q, n_tiles), kw, vw, causal, bias)
         ow, lw = _tiles_out_of_batch(ow, B), _tiles_out_of_batch(lw, B)  # (B, H, N, d), (B, H, N)
+        aux_t = None
         if kt.shape[2]:
-            ot, lt = flash(q, kt, vt, 0.0, False)
-            # Merge in (B, N, H) order, the kernel's memory layout.
+            ot, lt, aux_t = kernels.forward(q, kt, vt, False, None)
+            # Merge in (B, N, H) order, the kernels' memory layout.
             ot, lt, ow, lw = ot.transpose(1, 2), lt.transpose(1, 2), ow.transpose(1, 2), lw.transpose(1, 2)
             lse = torch.logaddexp(lt, lw)
             o = ot * torch.exp(lt - lse).unsqueeze(-1) + ow * torch.exp(lw - lse).unsqueeze(-1)
-            o, lse = o.to(q.dtype).transpose(1, 2), lse.transpose(1, 2)  # lse stays fp32, as the kernel's
+            o, lse = o.to(q.dtype).transpose(1, 2), lse.transpose(1, 2)  # lse stays fp32, as the kernels'
         else:
             o, lse = ow, lw
         ctx.save_for_backward(q, kt, vt, kw, vw, o, lse)
-        ctx.bias, ctx.causal, ctx.n_tiles = bias, causal, n_tiles
+        ctx.bias, ctx.causal, ctx.n_tiles, ctx.kernels, ctx.aux = bias, causal, n_tiles, kernels, (aux_w, aux_t)
         return o
 
     @staticmethod
     def backward(ctx, grad):
-        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         q, kt, vt, kw, vw, o, lse = ctx.saved_tensors
-        B, nt = q.shape[0], ctx.n_tiles
+        B, nt, kernels = q.shape[0], ctx.n_tiles, ctx.kernels
+        aux_w, aux_t = ctx.aux
         grad = grad.transpose(1, 2).contiguous().transpose(1, 2)  # no copy when already (B, N, H, d)
-        dq, dkw, dvw = backward(
-            _tiles_in_batch(grad, nt),
-            _tiles_in_batch(q, nt),
-            kw,
-            vw,
-            _tiles_in_batch(o, nt),
-            _tiles_in_batch(lse, nt),
-            0.0,
-            ctx.causal,
-            attn_mask=ctx.bias,
+        tiled = (_tiles_in_batch(x, nt) for x in (grad, q))
+        dq, dkw, dvw = kernels.backward(
+            *tiled, kw, vw, _tiles_in_batch(o, nt), _tiles_in_batch(lse, nt), ctx.causal, ctx.bias, aux_w
         )
         dq = _tiles_out_of_batch(dq, B)
         if kt.shape[2]:
-            dqt, dkt, dvt = backward(grad, q, kt, vt, o, lse, 0.0, False)
+            dqt, dkt, dvt = kernels.backward(grad, q, kt, vt, o, lse, False, None, aux_t)
             dq = dq + dqt
         else:
             dkt, dvt = torch.zeros_like(kt), torch.zeros_like(vt)
-        return dq, dkt, dvt, dkw, dvw, None, None, None
+        return dq, dkt, dvt, dkw, dvw, None, None, None, None
 
 
-def _image_attention(qi, ki, vi, kt, vt, plan: TilePlan, fused: bool):
-    """Attention of the image queries (B, H, N, d) over all text keys plus their tile's window."""
+def _image_attention(qi, ki, vi, kt, vt, plan: TilePlan, kernels: SplitKernels | None):
+    """Attention of the image queries (B, H, N, d) over all text keys plus their tile's window:
+    split and merged by ``kernels``, or (None) one SDPA call with the text keys copied per tile."""
     B, H, N, d = qi.shape
     nt, L, S = plan.n_tiles, plan.q_len, plan.k_len
     q = qi if plan.q_index is None else _positions(qi, plan.q_index)  # tile order
     kw = _tiles_in_batch(_positions(ki, plan.k_index), nt)  # (B * nt, H, S, d)
     vw = _tiles_in_batch(_positions(vi, plan.k_index), nt)
     key = (id(plan), B, qi.dtype)
-    if fused:
+    if kernels is not None:
         bias = None
         if not plan.causal:
-            bias = _cached(
-                ("bias",) + key,
-                lambda: (
-                    torch.zeros(plan.allowed.shape, dtype=qi.dtype, device=qi.device)
-                    .masked_fill(~plan.allowed, float("-inf"))
-                    .unsqueeze(1)
-                    .repeat(B, 1, 1, 1)
-                ),
-            )
-        o = _SplitSoftmaxImageAttention.apply(q, kt, vt, kw, vw, bias, plan.causal, nt)
+
+            def build_bias():
+                # Rows padded to a multiple of 16 elements (the alignment the CUDA kernels read a
+                # bias with), then sliced back: a view with the same values.
+                padded = -(-S // 16) * 16
+                full = torch.zeros((B * nt, 1, L, padded), dtype=qi.dtype, device=qi.device)
+                full[..., :S].masked_fill_(~plan.allowed.unsqueeze(1).repeat(B, 1, 1, 1), float("-inf"))
+                return full[..., :S]
+
+            bias = _cached(("bias", kernels.name) + key, build_bias)
+        o = _SplitSoftmaxImageAttention.apply(q, kt, vt, kw, vw, bias, plan.causal, nt, kernels)
     else:  # one SDPA call, text keys copied into every tile
         T = kt.shape[2]
 
@@ -309,9 +304,11 @@ def block_attention(
 ):
     """Block-sparse DALL-E attention. q, k, v: (B, H, n, d) with n = text_len + grid**2.
 
-    ``fused`` picks how image queries combine text keys and their image window: True uses the
-    split-softmax CPU flash kernels (text keys computed once), False one SDPA call with text keys
-    copied into every tile (any device); None chooses True on CPU when the kernels exist.
+    ``fused`` picks how image queries combine text keys and their image window: True (the default
+    where the device has them: CPU, CUDA) runs them as two calls of the device's split-softmax
+    kernels merged by log-sum-exp (:mod:`.split_kernels`; text keys read once, never copied), a
+    name from :data:`.split_kernels.SPLIT_KERNELS` picks those kernels (``"math"``: the plain-ops
+    reference), False makes one SDPA call with the text keys copied into every tile (any device).
     """
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {ATTENTION_KINDS}")
@@ -319,8 +316,14 @@ def block_attention(
     n = q.shape[2]
     if n != T + W * W:
         raise ValueError(f"block attention needs the full sequence: n={n}, text_len + grid**2 = {T + W * W}")
-    if fused is None:
-        fused = q.device.type == "cpu" and _has_cpu_flash()
+    if isinstance(fused, str):
+        kernels = SPLIT_KERNELS[fused]
+    elif fused is False:
+        kernels = None
+    else:
+        kernels = split_kernels_for(q)
+        if kernels is None and fused:
+            raise ValueError(f"block attention: no split-softmax kernels on {q.device.type} for {tuple(q.shape)}")
     key = (kind, W, conv_kernel, block_rows, conv_cols, q.device)
     if key not in _PLAN_CACHE:  # plans are never evicted: their ids key the cached masks
         _PLAN_CACHE[key] = tile_plan(kind, W, conv_kernel, block_rows, conv_cols, q.device)
@@ -328,7 +331,7 @@ def block_attention(
     qt, qi = q.split([T, W * W], dim=2)
     kt, ki = k.split([T, W * W], dim=2)
     vt, vi = v.split([T, W * W], dim=2)
-    oi = _image_attention(qi, ki, vi, kt, vt, plan, fused)
+    oi = _image_attention(qi, ki, vi, kt, vt, plan, kernels)
     if T == 0:
         return oi
     ot = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)

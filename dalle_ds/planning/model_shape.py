@@ -11,6 +11,8 @@ On the meta device ``scaled_dot_product_attention`` takes its math path, which s
 fp32 attention matrix; the fused kernels a real run takes (flash on CPU, memory-efficient or cuDNN
 on GPU with a mask) save the inputs, the output, the mask as a bias and one fp32 log-sum-exp per
 query. The trace stands in an op that saves exactly that (tests compare with a real forward).
+The block path runs its split-softmax Function with the plain-ops kernels there
+(:mod:`dalle_ds.models.split_kernels`): it saves what it saves with the CPU and CUDA kernels.
 FlexAttention (``attention_impl: flex``) cannot run on the meta device; the trace stands in the same
 op for its kernel, without a bias (its block mask is a few small index tensors, shared by layers).
 """

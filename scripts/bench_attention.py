@@ -9,8 +9,9 @@ For each layer kind (row, column, conv) it times, interleaved in one process:
   dense   - SDPA with the full boolean mask (the reference)
   causal  - SDPA with is_causal=True (computes every causal pair, ~3x what the masks need)
 and prints per-round time ratios (median and quartiles) plus the peak extra resident memory of
-one forward + backward, each measured in a fresh subprocess. ``--sparsity`` instead prints the
-share of tiles each kind's FlexAttention BlockMask skips (``attention_impl: flex``).
+one forward + backward, each measured in a fresh subprocess: block, block with the text keys copied
+into every tile (``copy``: one SDPA call, the path without split-softmax kernels), dense, causal.
+``--sparsity`` instead prints the share of tiles each kind's FlexAttention BlockMask skips (``attention_impl: flex``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import torch
 
 from dalle_ds.bench.attention import (
-    IMPLS,
+    MEMORY_IMPLS,
     AttentionShape,
     flex_sparsity,
     inputs,
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     qkv, grad = inputs(shape)
     header = (
         f"{'kind':<7} {'block ms':>9} {'dense ms':>9} {'causal ms':>9}  {'dense/block (q1 med q3)':>24}  "
-        f"{'causal/block (q1 med q3)':>25}  {'peak MiB block/dense/causal':>28}"
+        f"{'causal/block (q1 med q3)':>25}  {'peak MiB block/copy/dense/causal':>33}"
     )
     print(header)
     medians = {}
@@ -93,11 +94,13 @@ def main(argv=None) -> int:
         r = ratios(time_kind(kind, shape, qkv, grad, args.rounds))
         vs_dense, vs_causal, med = r["dense_vs_block"], r["causal_vs_block"], r["median_ms"]
         medians[kind] = med
-        mem = "-" if args.no_memory else "/".join(f"{child_memory(i, kind, shape, args.threads):.0f}" for i in IMPLS)
+        mem = "-"
+        if not args.no_memory:
+            mem = "/".join(f"{child_memory(i, kind, shape, args.threads):.0f}" for i in MEMORY_IMPLS)
         print(
             f"{kind:<7} {med['block']:9.1f} {med['dense']:9.1f} {med['causal']:9.1f}  "
             f"{vs_dense[0]:7.2f} {vs_dense[1]:7.2f} {vs_dense[2]:7.2f}   "
-            f"{vs_causal[0]:7.2f} {vs_causal[1]:7.2f} {vs_causal[2]:7.2f}   {mem:>28}"
+            f"{vs_causal[0]:7.2f} {vs_causal[1]:7.2f} {vs_causal[2]:7.2f}   {mem:>33}"
         )
     if set(medians) == {"row", "column", "conv"}:
         counts, total = schedule_ratios(medians)

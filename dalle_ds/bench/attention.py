@@ -5,6 +5,10 @@ peak extra resident memory (``scripts/bench_attention.py`` prints the table):
   dense   - SDPA with the full boolean mask (the reference)
   causal  - SDPA with is_causal=True (computes every causal pair, ~3x what the masks need)
 
+and its memory also for ``block_copy``: the block path with the text keys and values copied into
+every tile and one SDPA call (``fused=False``, what devices without split-softmax kernels run, and
+what the block path ran everywhere but the CPU before the split),
+
 and, for ``attention_impl: flex``, the share of (query block, key block) tiles each kind's
 BlockMask lets FlexAttention skip (:func:`flex_sparsity`).
 """
@@ -27,6 +31,7 @@ from dalle_ds.models.flex import FLEX_BLOCK_SIZE, flex_block_mask
 
 __all__ = [
     "IMPLS",
+    "MEMORY_IMPLS",
     "AttentionShape",
     "flex_sparsity",
     "inputs",
@@ -40,6 +45,7 @@ __all__ = [
 ]
 
 IMPLS = ("block", "dense", "causal")
+MEMORY_IMPLS = ("block", "block_copy", "dense", "causal")
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,12 @@ class AttentionShape:
 
 
 def make_fn(impl: str, kind: str, s: AttentionShape):
-    if impl == "block":
+    if impl in ("block", "block_copy"):
         rows = s.conv_block_rows if kind == "conv" else s.block_rows
-        return lambda q, k, v: block_attention(q, k, v, kind, s.text_len, s.grid, s.conv_kernel, rows, s.conv_cols)
+        fused = None if impl == "block" else False
+        return lambda q, k, v: block_attention(
+            q, k, v, kind, s.text_len, s.grid, s.conv_kernel, rows, s.conv_cols, fused=fused
+        )
     if impl == "dense":
         return lambda q, k, v: dense_attention(q, k, v, kind, s.text_len, s.grid, s.conv_kernel)
     if impl == "causal":

@@ -21,6 +21,7 @@ def test_the_block_path_it_times_equals_dense_attention(kind):
     q, k, v = qkv.detach().permute(2, 0, 3, 1, 4)  # (B, H, n, d) each, as SparseAttention splits them
     block, dense = make_fn("block", kind, TOY)(q, k, v), make_fn("dense", kind, TOY)(q, k, v)
     torch.testing.assert_close(block, dense)
+    torch.testing.assert_close(make_fn("block_copy", kind, TOY)(q, k, v), dense)  # its memory column's copy path
     assert not torch.allclose(make_fn("causal", kind, TOY)(q, k, v), dense)  # causal sees more than the mask
 
 

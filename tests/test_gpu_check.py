@@ -25,8 +25,8 @@ from dalle_ds.planning.plan import plan_run
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 PACKAGE = ROOT / "dalle_ds" / "checks"
-SMOKE = ["train/dalle/cpu_zero2_fp32", "attention/fp32", "attention/bf16", "kvcache/fp32", "sampling/pipeline",
-         "throughput/dalle-tiny"]  # fmt: skip
+SMOKE = ["train/dalle/cpu_zero2_fp32", "attention/fp32", "attention/bf16", "speed/attention-flex", "kvcache/fp32",
+         "sampling/pipeline", "throughput/dalle-tiny"]  # fmt: skip
 
 
 def run(*args, env=None, timeout=120):
@@ -42,8 +42,10 @@ def listed(capsys, *args) -> list[str]:
 
 def test_list_names_every_check(capsys):
     trainers = [f"train/{t}/zero{z}_{p}" for t in ("dvae", "dalle") for z in (2, 3) for p in ("fp16", "bf16")]
-    assert sorted(listed(capsys)) == sorted([*trainers, "attention/fp32", "attention/bf16", "kvcache/fp32",
-                                             "sampling/pipeline", "throughput/dalle-1.3b"])  # fmt: skip
+    throughput = ["throughput/dalle-1.3b", "throughput/dalle-1.3b/dense", "throughput/dalle-1.3b/flex",
+                  "throughput/dalle-1.3b/flex+compile"]  # fmt: skip
+    assert sorted(listed(capsys)) == sorted([*trainers, "attention/fp32", "attention/bf16", "speed/attention-flex",
+                                             "kvcache/fp32", "sampling/pipeline", *throughput])  # fmt: skip
     assert listed(capsys, "--cpu-smoke") == SMOKE
     assert listed(capsys, "--only", "train/dalle,kvcache") == [t for t in trainers if "dalle" in t] + ["kvcache/fp32"]
 
@@ -192,6 +194,33 @@ def test_smoke_attention_and_kv_cache_checks(smoke):
     kvcache = smoke("kvcache/fp32")
     assert kvcache["preset"] == "dalle-tiny" and len(kvcache["runs"]) == 3
     assert all(r["equal"] for r in kvcache["runs"]) and kvcache["teacher_forced_max_abs_logit_diff"] < 1e-4
+
+
+def test_smoke_attention_speed_check_times_every_path_and_checks_their_values(smoke):
+    speed = smoke("speed/attention-flex")
+    impls = ["dense", "causal", "block", "flex", "flex_eager"]
+    assert speed["dtype"] == "float32" and speed["backward"] is False  # no FlexAttention backward on the CPU
+    for info in speed["kinds"].values():
+        assert list(info["median_ms"]) == impls and all(ms > 0 for ms in info["median_ms"].values())
+        assert set(info["error"]) == {"dense", "block", "flex", "flex_eager"}
+        assert all(e["rel_to_max"] <= info["tol"] == 1e-4 for e in info["error"].values())
+        assert info["error"]["block"]["grads"] and not info["error"]["flex"]["grads"]
+    # The mix: each kind's median weighted by the paper's 47 row, 16 column and 1 conv layers.
+    medians = {kind: info["median_ms"] for kind, info in speed["kinds"].items()}
+    total = {i: sum(n * medians[k][i] for k, n in (("row", 47), ("column", 16), ("conv", 1))) for i in impls}
+    assert speed["mix_speed_vs_causal"] == {i: round(total["causal"] / total[i], 3) for i in impls}
+    assert speed["fastest_sparse"] in ("block", "flex", "flex_eager") and "goal 1.8x" in speed["summary"]
+
+
+def test_the_speed_check_fails_on_values_not_on_speed(smoke, monkeypatch):
+    import dalle_ds.checks.attention_speed as attention_speed
+
+    fn = attention_speed._fn
+    monkeypatch.setattr(attention_speed, "_fn", lambda impl, kind, s: (
+        (lambda q, k, v: 1.01 * fn(impl, kind, s)(q, k, v)) if impl == "block" and kind == "conv" else fn(impl, kind, s)
+    ))  # fmt: skip
+    with pytest.raises(AssertionError, match=r"outside tolerance: \['conv/block'\]"):
+        smoke("speed/attention-flex")
 
 
 def test_smoke_sampling_check(smoke):

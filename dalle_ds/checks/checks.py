@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["SAVE_EVERY", "SMOKE_TRAIN_RUNS", "TRAIN_RUNS", "TRAIN_STEPS", "TRAIN_TIMEOUT", "Check", "all_checks"]
+__all__ = [
+    "SAVE_EVERY",
+    "SMOKE_TRAIN_RUNS",
+    "THROUGHPUT_VARIANTS",
+    "TRAIN_RUNS",
+    "TRAIN_STEPS",
+    "TRAIN_TIMEOUT",
+    "Check",
+    "all_checks",
+]
 
 
 @dataclass(frozen=True)
@@ -15,6 +24,10 @@ class Check:
     about: str
     params: dict = field(default_factory=dict, compare=False, hash=False)
 
+
+# The DALL-E trainer's throughput per attention implementation on a GPU: (attention_impl, train.compile).
+# auto is block on CUDA; compiled blocks cannot trace the block path (refused), so flex compiles.
+THROUGHPUT_VARIANTS = [("auto", False), ("dense", False), ("flex", False), ("flex", True)]
 
 TRAIN_STEPS = 8
 SAVE_EVERY = 4
@@ -67,6 +80,14 @@ def all_checks(smoke: bool = False) -> list[Check]:
             {"dtype": "bfloat16"},
         ),
         Check(
+            "speed/attention-flex",
+            "attention_speed",
+            240 if smoke else 420,
+            "forward + backward ms of dense, causal flash, block, flex (compiled kernel and eager) per layer kind "
+            "and the 64-layer mix vs causal; values and gradients vs fp32 dense "
+            f"({'tiny sizes, fp32, forward-only timings on the CPU' if smoke else 'text 256 + 32x32, bf16, CUDA'})",
+        ),
+        Check(
             "kvcache/fp32",
             "kvcache",
             120 if smoke else 300,
@@ -93,14 +114,17 @@ def all_checks(smoke: bool = False) -> list[Check]:
             )
         )
     else:
-        checks.append(
-            Check(
-                "throughput/dalle-1.3b",
-                "throughput",
-                480,
-                "the DALL-E trainer (ds_configs/zero2_bf16.json, dalle-1.3b, micro batch from the dry run): "
-                "tokens/s, MFU, peak memory vs the dry run",
-                {"preset": "dalle-1.3b", "dvae": "dvae-paper"},
+        for impl, compiled in THROUGHPUT_VARIANTS:
+            name = "throughput/dalle-1.3b" + (f"/{impl}" if impl != "auto" else "") + ("+compile" if compiled else "")
+            checks.append(
+                Check(
+                    name,
+                    "throughput",
+                    480,
+                    "the DALL-E trainer (ds_configs/zero2_bf16.json, dalle-1.3b, micro batch from the dry run, "
+                    f"attention_impl {impl}{', train.compile' if compiled else ''}): tokens/s, MFU, peak memory vs "
+                    "the dry run",
+                    {"preset": "dalle-1.3b", "dvae": "dvae-paper", "attention_impl": impl, "compile": compiled},
+                )
             )
-        )
     return checks

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dalle_ds.utils.files import atomic_path
 
+from .attention_speed import worker_attention_speed
 from .checks import Check, all_checks
 from .context import CheckFailed, Ctx
 from .kernel_checks import worker_attention, worker_kvcache
@@ -24,6 +25,7 @@ __all__ = ["WORKERS", "run_check", "run_worker"]
 WORKERS = {
     "train": worker_train,
     "attention": worker_attention,
+    "attention_speed": worker_attention_speed,
     "kvcache": worker_kvcache,
     "sampling": worker_sampling,
     "throughput": worker_throughput,

@@ -1,5 +1,5 @@
 """One-GPU acceptance check of dalle-ds: ``bash scripts/gpu_check.sh`` (or ``scripts/gpu_check.py``
-in the project's venv) on a machine with one CUDA GPU; about 5 minutes on an H100/H200-class GPU.
+in the project's venv) on a machine with one CUDA GPU; estimated 7-8 minutes on an H100/H200-class GPU.
 
     python scripts/gpu_check.py [--out outputs/gpu_check/report.json] [--only train,attention] [--jobs 4]
     python scripts/gpu_check.py --list          # the checks, no GPU needed

@@ -79,11 +79,13 @@ def _train(cfg, cuda: bool) -> int | None:
 def worker_throughput(ctx: Ctx, p: dict) -> tuple[str, dict]:
     import torch
 
-    from dalle_ds import DiscreteVAE, get_preset, save_model
+    from dalle_ds import DiscreteVAE, get_preset, save_config, save_model
     from dalle_ds.training import DalleRunConfig, parse_run_config
 
     preset, cuda = p["preset"], ctx.device == "cuda"
+    impl, compiled = p.get("attention_impl", "auto"), p.get("compile", False)
     config, dvae = get_preset(preset), get_preset(p["dvae"])
+    config = config.replace(attention_impl=impl)
     ds_name, every, timed_records, candidates = GPU_RUN if cuda else SMOKE_RUN
     steps = every * (1 + timed_records)
     ds_path = ROOT / "ds_configs" / f"{ds_name}.json"
@@ -94,17 +96,22 @@ def worker_throughput(ctx: Ctx, p: dict) -> tuple[str, dict]:
     # max_memory_allocated never sees the CUDA context, which the plan holds as an estimate.
     predicted_allocated = predicted - plan.components["cuda_context"]
     ctx.say(
-        f"{preset} on {name}: ds_configs/{ds_name}.json, micro batch {micro} (dry run: {predicted / 2**30:.1f} "
-        f"GiB of {memory / 2**30:.1f}), {every} warm-up + {steps - every} timed steps"
+        f"{preset} (attention_impl {impl}{', compiled blocks' if compiled else ''}) on {name}: "
+        f"ds_configs/{ds_name}.json, micro batch {micro} (dry run: {predicted / 2**30:.1f} GiB of "
+        f"{memory / 2**30:.1f}), {every} warm-up + {steps - every} timed steps"
     )
 
-    out = ctx.work / "runs" / f"throughput_{preset}"
+    out = ctx.work / "runs" / f"throughput_{preset}_{impl}{'_compile' if compiled else ''}"
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
     dvae_dir = save_model(DiscreteVAE(dvae), out / "dvae_random")
-    args = ["--deepspeed_config", ds_path, "--preset", preset, "--dvae", dvae_dir, "--output-dir", out / "run",
+    model_yaml = out / f"{preset}.yaml"  # the preset with this check's attention_impl
+    save_config(config, model_yaml)
+    args = ["--deepspeed_config", ds_path, "--preset", model_yaml, "--dvae", dvae_dir, "--output-dir", out / "run",
             "--steps", steps, "--log-every", every, "--micro-batch-size", micro, "--grad-accum", 1,
             "--warmup-steps", 1, "--bpe-dropout", 0, "--no-progress"]  # fmt: skip
+    if compiled:
+        args.append("--compile")
     cfg = parse_run_config(DalleRunConfig, [str(a) for a in args])
     try:
         peak_mem = _train(cfg, cuda)
@@ -132,6 +139,8 @@ def worker_throughput(ctx: Ctx, p: dict) -> tuple[str, dict]:
     peak, source = peak_bf16(name)
     details = {
         "preset": preset,
+        "attention_impl": impl,
+        "compile": compiled,
         "device_name": name,
         "ds_config": f"ds_configs/{ds_name}.json",
         "precision": plan.engine.precision,
@@ -171,7 +180,8 @@ def worker_throughput(ctx: Ctx, p: dict) -> tuple[str, dict]:
         else f", dry run {predicted / 2**30:.2f} GiB"
     )
     details["summary"] = (
-        f"{flops['params']:,} params, {plan.engine.precision} ZeRO-{plan.engine.stage}, micro batch "
+        f"{flops['params']:,} params, attention {impl}{' compiled' if compiled else ''}, "
+        f"{plan.engine.precision} ZeRO-{plan.engine.stage}, micro batch "
         f"{micro}: {tokens_per_s:,.0f} tokens/s, {secs * 1000:.0f} ms/step, {achieved / 1e12:.1f} TFLOP/s, {mfu}{mem}"
     )
     ctx.say("  " + details["summary"])

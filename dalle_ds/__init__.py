@@ -8,10 +8,20 @@ import warnings as _warnings
 
 from .inference.serialization import load_dvae, load_model, save_model
 from .models.attention import SparseAttention, block_attention, dense_attention, sparse_attention
-from .models.config import PRESETS, ConfigError, DalleConfig, DVAEConfig, get_preset, load_config, save_config
+from .models.config import (
+    PRESETS,
+    ConfigError,
+    DalleConfig,
+    DVAEConfig,
+    VQGANConfig,
+    get_preset,
+    load_config,
+    save_config,
+)
 from .models.dalle import DALLE, DalleOutput, pad_text
 from .models.dvae import Decoder, DiscreteVAE, Encoder, map_pixels, unmap_pixels
 from .models.masks import attention_mask, layer_schedule
+from .models.vqgan import VQGAN
 
 __version__ = "0.1.0"
 
@@ -72,6 +82,8 @@ __all__ = [
     "DiscreteVAE",
     "Encoder",
     "SparseAttention",
+    "VQGAN",
+    "VQGANConfig",
     "attention_mask",
     "block_attention",
     "dense_attention",

@@ -24,6 +24,9 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     # OpenAI's reference dVAE classes for the compatibility tests; its declared deps pull a
     # torchvision that breaks beside a CPU torch, and it needs only attrs + requests (in [test]).
     python -m pip install -q --no-deps "dall-e==0.1"
+    # taming-transformers' Encoder, Decoder and VectorQuantizer for the VQGAN equality tests (its
+    # declared deps pull pytorch-lightning and more; the modules used need only torch and numpy).
+    python -m pip install -q --no-deps "taming-transformers==0.0.1"
     echo "$want" > "$stamp"
 fi
 # DeepSpeed JIT-builds ops into this cache; a private one avoids stale locks from other runs.

@@ -12,8 +12,9 @@ from collections import OrderedDict
 
 import torch
 
-from dalle_ds import DALLE, DalleConfig, DiscreteVAE, load_config
+from dalle_ds import load_config
 from dalle_ds.models.init import meta_modules
+from dalle_ds.models.tokenizer import build_model
 
 
 def summarize(model: torch.nn.Module, depth: int) -> "OrderedDict[str, int]":
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.preset)
     with meta_modules():
-        model = DALLE(config) if isinstance(config, DalleConfig) else DiscreteVAE(config)
+        model = build_model(config)
     rows = summarize(model, args.depth)
     width = max(len(k) for k in rows)
     total = sum(rows.values())

@@ -2,21 +2,20 @@ import pytest
 import torch
 
 from dalle_ds import (
-    DALLE,
     PRESETS,
     ConfigError,
     DalleConfig,
-    DiscreteVAE,
     DVAEConfig,
     get_preset,
     load_config,
     save_config,
 )
+from dalle_ds.models.tokenizer import build_model
 
 
 def count_on_meta(cfg):
     with torch.device("meta"):
-        model = DALLE(cfg) if isinstance(cfg, DalleConfig) else DiscreteVAE(cfg)
+        model = build_model(cfg)
     assert all(p.is_meta for p in model.parameters())
     return sum(p.numel() for p in model.parameters())
 

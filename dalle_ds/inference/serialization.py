@@ -25,10 +25,12 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE
 from safetensors.torch import load_file, save_file
 
-from ..models.config import ConfigError, DalleConfig, DVAEConfig
+from ..models.config import ConfigError, DalleConfig, DVAEConfig, VQGANConfig
 from ..models.dalle import DALLE
 from ..models.dvae import DiscreteVAE
 from ..models.init import meta_modules
+from ..models.tokenizer import ImageTokenizer, is_tokenizer
+from ..models.vqgan import VQGAN
 from ..utils.files import atomic_path, atomic_write_text
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "convert_openai_dvae",
     "load_dvae",
     "load_model",
+    "load_tokenizer",
     "model_from_config",
     "openai_dvae_state_dict",
     "read_openai_pickle",
@@ -52,14 +55,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = SAFETENSORS_INDEX_FILE  # model.safetensors.index.json
 _SHARD_PATTERN = "model{suffix}.safetensors"  # {suffix}: -00001-of-00004
-_MODEL_TYPES = {"dalle": (DalleConfig, DALLE), "dvae": (DVAEConfig, DiscreteVAE)}
+_MODEL_TYPES = {"dalle": (DalleConfig, DALLE), "dvae": (DVAEConfig, DiscreteVAE), "vqgan": (VQGANConfig, VQGAN)}
 
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file needs code execution (or unknown classes) to load and was refused."""
 
 
-def save_model(model: DALLE | DiscreteVAE, directory: str | Path, max_shard_size: int | str | None = None) -> Path:
+def save_model(
+    model: DALLE | DiscreteVAE | VQGAN, directory: str | Path, max_shard_size: int | str | None = None
+) -> Path:
     """Write ``config.json`` and the weights (fp32 kept as stored) into ``directory``: one
     ``model.safetensors``, or shards + index when ``max_shard_size`` (bytes or ``"5GB"``) is exceeded."""
     directory = Path(directory)
@@ -170,8 +175,8 @@ def load_weights(model: torch.nn.Module, files: Iterable[Path], map_location="cp
         raise ConfigError(f"weights missing from {[p.name for p in files]}: {missing[:5]}")
 
 
-def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE:
-    """A freshly built model for a config dict with a ``model_type`` (``dalle`` or ``dvae``)."""
+def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE | VQGAN:
+    """A freshly built model for a config dict with a ``model_type`` (``dalle``, ``dvae`` or ``vqgan``)."""
     kind = data.get("model_type")
     if kind not in _MODEL_TYPES:
         raise ConfigError(f"{source}: model_type={kind!r}, expected one of {sorted(_MODEL_TYPES)}")
@@ -179,7 +184,7 @@ def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE:
     return model_cls(config_cls.from_dict(data, source=source))
 
 
-def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> DALLE | DiscreteVAE:
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> DALLE | DiscreteVAE | VQGAN:
     """Load a folder written by :func:`save_model` (single file or sharded); the config's
     ``model_type`` picks the class. Built on the meta device, so weights are stored once."""
     directory = Path(directory)
@@ -193,16 +198,21 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     return model.eval()
 
 
-def load_dvae(directory: str | Path, map_location: str | torch.device = "cpu") -> DiscreteVAE:
-    """Our dVAE from a saved folder (e.g. one written by ``scripts/convert_openai_dvae.py``).
+def load_dvae(directory: str | Path, map_location: str | torch.device = "cpu") -> ImageTokenizer:
+    """The image tokenizer of a saved folder: a dVAE (e.g. written by
+    ``scripts/convert_openai_dvae.py``) or a VQGAN (``scripts/convert_taming_vqgan.py``), as its
+    ``config.json`` says; both ``encode`` pixels in [0, 1] to (B, h, w) codes and ``decode`` back.
 
-    ``.encoder(x)`` and ``.decoder(z)`` take and return what OpenAI's ``Encoder.forward``
+    A dVAE's ``.encoder(x)`` and ``.decoder(z)`` take and return what OpenAI's ``Encoder.forward``
     and ``Decoder.forward`` do: mapped pixels -> logits, one-hot codes -> 2C stats.
     """
     model = load_model(directory, map_location)
-    if not isinstance(model, DiscreteVAE):
-        raise ConfigError(f"{directory}: holds a {type(model).__name__}, not a dVAE")
+    if not is_tokenizer(model):
+        raise ConfigError(f"{directory}: holds a {type(model).__name__}, not an image tokenizer (a dVAE or a VQGAN)")
     return model
+
+
+load_tokenizer = load_dvae
 
 
 # --- OpenAI's released dVAE pickles -------------------------------------------------------

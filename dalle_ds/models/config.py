@@ -7,63 +7,25 @@ Configs are validated on construction and errors name the offending field.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .config_base import PRESET_LOOKUP, ConfigError, _ConfigBase, _require
+from .vqgan_config import VQGANConfig
 
 __all__ = [
     "ConfigError",
     "DVAEConfig",
     "DalleConfig",
     "PRESETS",
+    "VQGANConfig",
     "get_preset",
     "load_config",
     "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
-
-
-def _require(cond: bool, cls: type, name: str, value: Any, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"{cls.__name__}.{name}={value!r}: {why}")
-
-
-class _ConfigBase:
-    """Shared dict / YAML plumbing for the config dataclasses."""
-
-    kind: str = ""  # written into YAML so a file says which model it configures
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_type": self.kind, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<dict>"):
-        data = dict(data)
-        kind = data.pop("model_type", cls.kind)
-        if kind != cls.kind:
-            raise ConfigError(f"{source}: model_type={kind!r}, expected {cls.kind!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_name(cls, name: str, **overrides):
-        """Build a named preset, optionally overriding fields (litgpt-style)."""
-        preset_cls, values = _lookup_preset(name)
-        if preset_cls is not cls:
-            raise ConfigError(f"preset {name!r} is a {preset_cls.__name__}, not a {cls.__name__}")
-        return cls.from_dict({**values, **overrides}, source=f"preset {name!r}")
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -288,6 +250,15 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
         },
     ),
     "dvae-paper": (DVAEConfig, {}),
+    # taming-transformers' public f16 VQGANs at 256 px (16x16 codes): the ImageNet models' layout.
+    "vqgan-f16-1024": (VQGANConfig, {}),
+    "vqgan-f16-16384": (VQGANConfig, {"n_embed": 16384}),
+    # Tests and demos: 32 px, 8x8 codes, attention at the 8x8 level.
+    "vqgan-tiny": (
+        VQGANConfig,
+        {"image_size": 32, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+         "z_channels": 16, "embed_dim": 16, "n_embed": 128},
+    ),  # fmt: skip
     "dvae-tiny": (
         DVAEConfig,
         {"image_size": 32, "codebook_size": 128, "n_hid": 32, "n_init": 32, "n_blk_per_group": 1, "group_count": 3},
@@ -322,13 +293,16 @@ def _lookup_preset(name: str) -> tuple[type, dict[str, Any]]:
         raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
 
 
+PRESET_LOOKUP.append(_lookup_preset)
+
+
 def get_preset(name: str) -> DalleConfig | DVAEConfig:
     """The config of a named preset."""
     cls, values = _lookup_preset(name)
     return cls.from_dict(values, source=f"preset {name!r}")
 
 
-_CONFIG_TYPES = {c.kind: c for c in (DVAEConfig, DalleConfig)}
+_CONFIG_TYPES = {c.kind: c for c in (DVAEConfig, VQGANConfig, DalleConfig)}
 
 
 def load_config(name_or_path: str | Path, **overrides) -> DalleConfig | DVAEConfig:

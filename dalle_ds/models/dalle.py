@@ -185,18 +185,21 @@ class DALLE(nn.Module):
                     fill(module.bias, nn.init.zeros_)
 
     def set_dvae(self, dvae: DiscreteVAE) -> None:
-        """Attach a frozen dVAE so ``forward`` accepts raw images."""
+        """Attach a frozen image tokenizer (a dVAE or a VQGAN) so ``forward`` accepts raw images."""
         self.check_dvae(dvae)
         dvae.requires_grad_(False).eval()
         self.dvae = dvae
 
     def check_dvae(self, dvae: DiscreteVAE) -> None:
-        """Raise if ``dvae``'s grid or codebook does not fit this model."""
+        """Raise if the tokenizer's grid or codebook does not fit this model."""
+        name = {"dvae": "dVAE", "vqgan": "VQGAN"}.get(dvae.config.kind, type(dvae).__name__)
         if dvae.config.grid_size != self.config.image_grid:
-            raise ValueError(f"dVAE grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}")
+            raise ValueError(
+                f"{name} grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}"
+            )
         if dvae.config.codebook_size != self.config.image_vocab_size:
             raise ValueError(
-                f"dVAE codebook {dvae.config.codebook_size} != "
+                f"{name} codebook {dvae.config.codebook_size} != "
                 f"DalleConfig.image_vocab_size={self.config.image_vocab_size}"
             )
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..distributed.ds_config import DeepSpeedConfigError, load_ds_config
-from ..models.config import ConfigError, DalleConfig, DVAEConfig, load_config
+from ..models.config import ConfigError, DalleConfig, DVAEConfig, VQGANConfig, load_config
 from ..training.errors import UsageError
 from .layout import Layout, parse_bytes
 from .plan import plan_run
@@ -46,21 +46,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dvae_config(spec: str) -> DVAEConfig:
+_TOKENIZER_CONFIGS = {c.kind: c for c in (DVAEConfig, VQGANConfig)}
+
+
+def _dvae_config(spec: str) -> DVAEConfig | VQGANConfig:
+    """The image tokenizer's config (a dVAE or a VQGAN): a preset, a YAML or a model folder."""
     path = Path(spec)
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
             raise UsageError(f"--dvae {spec}: no config.json in the folder")
         data = json.loads(config_file.read_text())
-        if data.get("model_type") != DVAEConfig.kind:
-            kind = data.get("model_type")
-            raise UsageError(f"--dvae {spec}: {config_file} is not a dVAE config (model_type={kind!r})")
-        config = DVAEConfig.from_dict(data, source=str(config_file))
+        kind = data.get("model_type")
+        if kind not in _TOKENIZER_CONFIGS:
+            raise UsageError(f"--dvae {spec}: {config_file} is not an image tokenizer config (model_type={kind!r})")
+        config = _TOKENIZER_CONFIGS[kind].from_dict(data, source=str(config_file))
     else:
         config = load_config(spec)
-    if not isinstance(config, DVAEConfig):
-        raise UsageError(f"--dvae {spec}: not a dVAE config ({type(config).__name__})")
+    if not isinstance(config, tuple(_TOKENIZER_CONFIGS.values())):
+        raise UsageError(f"--dvae {spec}: not an image tokenizer config (dVAE or VQGAN): {type(config).__name__}")
     return config
 
 

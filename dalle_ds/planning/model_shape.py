@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from ..models import flex
 from ..models.attention import resolve_attention_impl
-from ..models.config import DalleConfig, DVAEConfig
+from ..models.config import DalleConfig, DVAEConfig, VQGANConfig
 from ..models.dalle import DALLE
-from ..models.dvae import DiscreteVAE
 from ..models.init import meta_modules
+from ..models.tokenizer import build_model
 from ..training.optim import param_groups
 
 __all__ = ["ActivationTrace", "ModelShape", "ParamInfo", "dvae_param_count", "model_shape", "trace_activations"]
@@ -87,9 +87,10 @@ def model_shape(config: DalleConfig) -> ModelShape:
 
 
 @functools.lru_cache(maxsize=8)
-def dvae_param_count(config: DVAEConfig) -> int:
+def dvae_param_count(config: DVAEConfig | VQGANConfig) -> int:
+    """Parameters of the frozen image tokenizer (a dVAE or a VQGAN)."""
     with meta_modules():
-        return sum(p.numel() for p in DiscreteVAE(config).parameters())
+        return sum(p.numel() for p in build_model(config).parameters())
 
 
 @dataclasses.dataclass(frozen=True)

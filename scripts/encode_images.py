@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Encode an image-text stream to dVAE codes + captions in sharded Parquet, for DALL-E training.
+"""Encode an image-text stream to image codes (a dVAE's or a VQGAN's) + captions in sharded Parquet,
+for DALL-E training.
 
     python scripts/encode_images.py --dvae runs/dvae/final --data data/shapes --out data/codes
     deepspeed --num_gpus 8 scripts/encode_images.py ...      # or torchrun: one part per rank
@@ -8,7 +9,7 @@ Each rank (RANK / WORLD_SIZE from the launcher; no process group is needed) read
 of one epoch (centre crop, no augmentation, no shuffle) and writes ``codes-r{rank}-{n}.parquet``
 files with columns ``codes`` (image_grid**2 ints), ``caption`` and, with ``--tokenizer``,
 ``text_ids`` (BPE ids, unpadded). ``train_dalle.py --data data/codes`` then streams codes and
-skips the dVAE. Files are written atomically; bad inputs are skipped and counted in
+skips the image tokenizer. Files are written atomically; bad inputs are skipped and counted in
 ``encode_counts-r{rank}.json``.
 """
 
@@ -32,9 +33,9 @@ def write_parquet(rows: dict, path: Path) -> None:
         pq.write_table(pa.table(rows), str(tmp))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dvae", required=True, help="trained dVAE folder (config.json + model.safetensors)")
+    p.add_argument("--dvae", required=True, help="image tokenizer folder: a dVAE or a VQGAN (config.json + weights)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json: also store text_ids")
@@ -45,7 +46,7 @@ def main() -> None:
     p.add_argument("--caption-column", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Evaluate a trained pipeline (and/or a dVAE) and write the numbers as JSON.
+"""Evaluate a trained pipeline (and/or an image tokenizer) and write the numbers as JSON.
 
     python scripts/evaluate.py --checkpoint runs/dalle/final --holdout runs/dalle/holdout.json \\
         [--data synthetic|<stream>] [--num 512] [--per-caption 4] [--top-k 32] [--clip MODEL] --out eval.json
-    python scripts/evaluate.py --dvae runs/dvae/final --num 512          # the tokenizer alone
+    python scripts/evaluate.py --dvae runs/dvae/final --num 512 [--fid]  # the tokenizer alone (dVAE or VQGAN)
     python scripts/evaluate.py --checkpoint runs/dalle/final --data <stream of real pairs> --num 30000 \\
         --fid --clip-score [--candidates 512] [--clip-model openai/clip-vit-base-patch32] --out eval.json
 
-- dVAE: reconstruction MSE / PSNR and codebook use (perplexity, share used, dead codes) on ``--num``
-  images of ``--data``.
+- Image tokenizer (dVAE or VQGAN): reconstruction MSE / PSNR and codebook use (perplexity, share
+  used, dead codes) on ``--num`` images of ``--data``; with ``--fid`` also its rFID (the FID of its
+  reconstructions against the images), with or without ``--checkpoint``.
 - Transformer: validation loss, split into text and image, on the same images.
 - Synthetic set: caption accuracy of generated images (colour, shape, position and all three, read
   back by the set's checker) for the held-out captions of ``--holdout`` (the trainer writes
@@ -32,7 +33,7 @@ from dalle_ds.inference.big_model import add_loading_args, default_device, load_
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="pipeline folder (transformer + tokenizer + dvae/)")
-    p.add_argument("--dvae", default=None, help="a dVAE folder, to evaluate it alone")
+    p.add_argument("--dvae", default=None, help="an image tokenizer folder (dVAE or VQGAN), to evaluate it alone")
     p.add_argument("--data", default="synthetic")
     p.add_argument("--num", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
@@ -44,7 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance (needs --caption-dropout)")
     p.add_argument("--clip-model", "--clip", dest="clip_model", help="CLIP folder or hub id (default: openai's B/32)")
-    p.add_argument("--fid", action="store_true", help="FID of samples for --data's captions against its images")
+    p.add_argument("--fid", action="store_true", help="FID of samples for --data's captions against its images, "
+                   "and the tokenizer's rFID (its reconstructions against the images)")
     p.add_argument("--clip-score", action="store_true", help="CLIP score of those samples against their captions")
     p.add_argument("--candidates", type=int, default=1, help="samples per caption; the CLIP-best one is kept")
     p.add_argument("--fid-weights", default=None, help="a local copy of the FID Inception weights (offline)")
@@ -54,9 +56,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not (args.checkpoint or args.dvae):
         p.error("give --checkpoint and/or --dvae")
-    scoring = args.fid or args.clip_score or args.candidates > 1
+    scoring = (args.fid and args.checkpoint) or args.clip_score or args.candidates > 1
     if scoring and not args.checkpoint:
-        p.error("--fid / --clip-score / --candidates need --checkpoint")
+        p.error("--clip-score / --candidates need --checkpoint")
     if args.fid_weights and args.fid_feature_extractor:
         p.error("--fid-weights is for the standard Inception, not --fid-feature-extractor")
 
@@ -111,7 +113,7 @@ def main(argv=None) -> None:
                 yield {"image": as_float_image(batch["image"]), "caption": batch["caption"]}
 
     sampling = {a: getattr(args, a) for a in ("top_k", "top_p", "temperature", "cond_scale")}
-    result = {"dvae": dvae_metrics(dvae, (b["image"] for b in batches()))}
+    result = {"dvae": dvae_metrics(dvae, (b["image"] for b in batches()), fid=fid)}
     if model is not None:
         result["validation"] = validation_loss(model, tokenizer, batches())
         if args.data == "synthetic":

@@ -245,6 +245,7 @@ def test_evaluate_script_reports_fid_and_clip_score_on_a_stream(tmp_path, tok_fi
     assert gen["samples"] == 6 and gen["candidates"] == 2 and gen["reranked"]
     assert gen["clip_model"] == str(clip_dir) and gen["fid_features"] == "fid_features:make"
     assert math.isfinite(gen["fid"]) and gen["fid"] > 0  # a random model's samples are not the shapes
+    assert math.isfinite(result["dvae"]["rfid"]) and result["dvae"]["rfid"] > 0  # the tokenizer's reconstructions
     for key in ("clip_score", "real_clip_score"):
         assert 0 < gen[key] <= 100, gen  # > 0: the fixture's CLIP scores every pair positive
     # The standard Inception without torch-fidelity (hidden here, whether installed or not): the install

@@ -1,5 +1,5 @@
-"""Evaluation: dVAE reconstruction and codebook use, transformer validation loss (text / image),
-caption accuracy of generated images on the synthetic set, CLIP score."""
+"""Evaluation: image tokenizer (dVAE, VQGAN) reconstruction, codebook use and rFID, transformer
+validation loss (text / image), caption accuracy of generated images on the synthetic set, CLIP score."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ __all__ = ["attribute_accuracy", "caption_accuracy", "dvae_metrics", "validation
 
 
 @torch.no_grad()
-def dvae_metrics(dvae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Reconstruction MSE / PSNR (images in [0, 1]) and codebook use over all batches:
-    ``perplexity`` = exp(entropy of the code histogram), ``usage`` = share of codes used at least
-    once, ``dead_codes`` = codes never used."""
+def dvae_metrics(dvae, batches: Iterable[torch.Tensor], fid=None) -> dict[str, float]:
+    """An image tokenizer's (dVAE or VQGAN) reconstruction MSE / PSNR (images in [0, 1]) and codebook
+    use over all batches: ``perplexity`` = exp(entropy of the code histogram), ``usage`` = share of
+    codes used at least once, ``dead_codes`` = codes never used. With ``fid`` (a FID metric,
+    :func:`dalle_ds.inference.metrics.fid_metric`): ``rfid``, the FID of the reconstructions against
+    the images (the metric is reset first)."""
     device = next(dvae.parameters()).device
     counts = torch.zeros(dvae.config.codebook_size, dtype=torch.float64, device=device)
     se, pixels = torch.zeros((), dtype=torch.float64, device=device), 0
+    if fid is not None:
+        fid.reset()
     for images in batches:
         images = images.to(device)
         codes = dvae.encode(images)
@@ -29,11 +33,18 @@ def dvae_metrics(dvae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
         se += ((recon - images.float()) ** 2).sum().double()  # summed on the device: one read at the end
         pixels += images.numel()
         counts += torch.bincount(codes.reshape(-1), minlength=counts.numel()).double()
+        if fid is not None:
+            fid.update(images.float().to(fid.device), real=True)
+            fid.update(recon.to(fid.device), real=False)
     counts, se = counts.cpu(), float(se)
     mse = se / max(pixels, 1)
     p = counts / counts.sum()
     entropy = -float((p[p > 0] * p[p > 0].log()).sum())
+    result = {} if fid is None else {"rfid": float(fid.compute())}
+    if fid is not None:
+        fid.reset()
     return {
+        **result,
         "mse": mse,
         "psnr": 10 * math.log10(1 / mse) if mse > 0 else float("inf"),
         "perplexity": math.exp(entropy),

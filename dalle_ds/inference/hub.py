@@ -26,6 +26,7 @@ def write_model_card(directory, settings: dict, sample_grid=None, license: str =
     its training settings and, if given, a sample grid copied in as ``samples.png``."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
+    image_tokenizer = _tokenizer_summary(directory / "dvae" / "config.json")
     if sample_grid is not None:
         shutil.copyfile(sample_grid, directory / "samples.png")
     lines = [
@@ -43,8 +44,8 @@ def write_model_card(directory, settings: dict, sample_grid=None, license: str =
         "",
         "A DALL-E-style text-to-image transformer trained with "
         "[dalle-ds](https://github.com/dalle-ds/dalle-ds): a decoder-only sparse transformer over "
-        "[text tokens, dVAE image codes], with its dVAE image tokenizer in `dvae/` and its BPE "
-        "tokenizer in `tokenizer.json`.",
+        f"[text tokens, {image_tokenizer['name']} image codes], with its {image_tokenizer['name']} image "
+        "tokenizer in `dvae/` and its BPE tokenizer in `tokenizer.json`.",
         "",
         "```python",
         "from dalle_ds.inference.hub import from_pretrained",
@@ -59,6 +60,8 @@ def write_model_card(directory, settings: dict, sample_grid=None, license: str =
         lines += ["## Samples", "", "![samples](samples.png)", ""]
     lines += ["## Model", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in config.items()]
+    lines += ["", "## Image tokenizer", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in image_tokenizer.items()]
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in settings.items() if k not in ("name", "repo_id")]
     path = directory / "README.md"
@@ -66,8 +69,28 @@ def write_model_card(directory, settings: dict, sample_grid=None, license: str =
     return path
 
 
+_TOKENIZER_NAMES = {"dvae": "dVAE", "vqgan": "VQGAN"}
+
+
+def _tokenizer_summary(config_path: Path) -> dict:
+    """The image tokenizer's kind, grid and codebook for the card (from ``dvae/config.json``)."""
+    if not config_path.is_file():
+        return {"name": "image"}
+    from ..models.config import DVAEConfig, VQGANConfig
+
+    data = json.loads(config_path.read_text())
+    kind = data.get("model_type")
+    cls = {"dvae": DVAEConfig, "vqgan": VQGANConfig}.get(kind)
+    if cls is None:
+        return {"name": "image", "model_type": kind}
+    c = cls.from_dict(data, source=str(config_path))
+    return {"name": _TOKENIZER_NAMES[kind], "model_type": kind, "image_size": c.image_size,
+            "grid": f"{c.grid_size}x{c.grid_size}", "codebook_size": c.codebook_size}  # fmt: skip
+
+
 def from_pretrained(path_or_repo_id: str, revision: str | None = None, map_location="cpu", allow_pickle=False):
-    """(DALLE with its dVAE, tokenizer) from a local pipeline folder or a hub repo id.
+    """(DALLE with its image tokenizer (dVAE or VQGAN), text tokenizer) from a local pipeline folder or
+    a hub repo id.
 
     Hub repos are fetched with ``huggingface_hub.snapshot_download`` (cached; ``HF_HUB_OFFLINE=1``
     uses the cache only). Pickled weights (``*.bin``, ``*.pt``, ...) without a safetensors file are

@@ -27,9 +27,16 @@ from torch import _weights_only_unpickler
 
 from ..models.config import ConfigError, VQGANConfig
 from ..models.vqgan import VQGAN
+from ..models.vqgan_loss import LPIPS
 from .serialization import UnsafeCheckpointError, save_model
 
-__all__ = ["INERT_MODULES", "convert_taming_vqgan", "read_taming_checkpoint", "vqgan_config_from_taming"]
+__all__ = [
+    "INERT_MODULES",
+    "convert_taming_vqgan",
+    "load_lpips",
+    "read_taming_checkpoint",
+    "vqgan_config_from_taming",
+]
 
 INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "taming", "main", "__main__",
                  "numpy", "_codecs", "copyreg", "collections", "pathlib", "argparse", "typing", "enum")  # fmt: skip
@@ -184,3 +191,28 @@ def convert_taming_vqgan(ckpt: str | Path, config: str | Path, out_dir: str | Pa
     model.load_state_dict(weights, strict=True)
     save_model(model, out_dir)
     return model.eval()
+
+
+def load_lpips(path: str | Path) -> LPIPS:
+    """LPIPS with weights from a local file: a safetensors or PyTorch file of its state dict, or a
+    taming VQGAN checkpoint (its ``loss.perceptual_loss.*`` entries; read without running code). Every
+    weight must be there; the error names the missing ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"perceptual weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = read_taming_checkpoint(path)  # the allow-list unpickler
+    prefix = "loss.perceptual_loss."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    model = LPIPS()
+    expected = set(model.state_dict())
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"perceptual weights {path}: missing {missing[:6]}, unexpected {extra[:6]} (LPIPS VGG16 keys)")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model

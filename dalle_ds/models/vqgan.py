@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VQGANConfig
+from .dvae import VectorQuantizer
+from .vqgan_config import VQGANConfig
 
 __all__ = ["VQGAN", "VQGANOutput", "VQGANQuantizer"]
 
@@ -186,20 +187,27 @@ class Decoder(nn.Module):
 
 
 class VQGANQuantizer(nn.Module):
-    """Nearest-code quantiser with a learned codebook (``embedding``) and, for remapped
-    checkpoints, the kept codes (``used``)."""
+    """Nearest-code quantiser with a learned codebook (``embedding``; for remapped checkpoints the
+    kept codes in ``used``), or an EMA one (``ema``, ``quantizer: ema``)."""
 
     def __init__(self, c: VQGANConfig):
         super().__init__()
         self.config = c
-        self.embedding = nn.Embedding(c.n_embed, c.embed_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / c.n_embed, 1.0 / c.n_embed)
+        if c.quantizer == "ema":
+            self.ema = VectorQuantizer(c.n_embed, c.embed_dim, c.ema_decay, c.dead_threshold)
+        else:
+            self.embedding = nn.Embedding(c.n_embed, c.embed_dim)
+            nn.init.uniform_(self.embedding.weight, -1.0 / c.n_embed, 1.0 / c.n_embed)
         if c.remap_codes:
             self.register_buffer("used", torch.arange(c.remap_codes))
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.ema.codebook if self.config.quantizer == "ema" else self.embedding.weight
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, embed_dim) -> (N,) indices into ``embedding`` (squared L2, fp32)."""
-        e = self.embedding.weight.float()
+        """(N, embed_dim) -> (N,) indices into the codebook (squared L2, fp32)."""
+        e = self.codebook.float()
         z = z.float()
         d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
         return d.argmin(1)
@@ -225,8 +233,13 @@ class VQGANQuantizer(nn.Module):
         return self.used[codes.masked_fill(codes >= self.used.numel(), 0)]
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z: (B, embed_dim, h, w) -> (straight-through quantised z, codebook loss, codes (B, h, w))."""
+        """z: (B, embed_dim, h, w) -> (straight-through quantised z, codebook loss, codes (B, h, w)).
+        An EMA codebook updates itself in training mode; its loss is ``beta`` x the commitment term."""
         b, d, h, w = z.shape
+        if self.config.quantizer == "ema":
+            zq, index, _ = self.ema(z)
+            commit = F.mse_loss(z.float(), zq.detach().float())
+            return zq, self.config.beta * commit, index
         index = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
         zq = self.embedding(index).permute(0, 3, 1, 2).to(z.dtype)
         commit = F.mse_loss(z.float(), zq.detach().float())
@@ -237,7 +250,7 @@ class VQGANQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) codes -> (B, embed_dim, h, w) code vectors."""
-        return self.embedding(self.to_index(codes)).permute(0, 3, 1, 2)
+        return F.embedding(self.to_index(codes), self.codebook).permute(0, 3, 1, 2)
 
 
 class VQGANOutput(NamedTuple):

@@ -42,6 +42,14 @@ class VQGANConfig(_ConfigBase):
     transformer then sees ``remap_codes`` codes (+1 with ``unknown_index: extra``)."""
     unknown_index: str | int = "random"
     """With ``remap_codes``: what a code outside the kept set becomes ('random', 'extra' or an index)."""
+    quantizer: str = "learned"
+    """'learned': taming's codebook, trained by the codebook loss (``quantize.embedding.weight``);
+    'ema': an EMA codebook with dead-code restarts (the dVAE's ``vq`` quantiser, ``quantize.ema.*``),
+    which keeps far more of the codebook in use on small runs; its loss is the commitment term alone."""
+    ema_decay: float = 0.99
+    """'ema' only: decay of the codebook statistics."""
+    dead_threshold: float = 1.0
+    """'ema' only: a code whose EMA assignment count (summed over ranks) falls below this restarts."""
 
     kind = "vqgan"
 
@@ -65,6 +73,12 @@ class VQGANConfig(_ConfigBase):
             f"must be divisible by the downsampling factor {self.downsample} (len(ch_mult)={len(self.ch_mult)})",
         )  # fmt: skip
         _require(0 <= self.remap_codes <= self.n_embed, c, "remap_codes", self.remap_codes, "must be in [0, n_embed]")
+        _require(self.quantizer in ("learned", "ema"), c, "quantizer", self.quantizer, "must be 'learned' or 'ema'")
+        _require(0.0 < self.ema_decay < 1.0, c, "ema_decay", self.ema_decay, "must be in (0, 1)")
+        _require(
+            not (self.quantizer == "ema" and self.remap_codes), c, "remap_codes", self.remap_codes,
+            "a remapped codebook is taming's learned one: quantizer must be 'learned'",
+        )  # fmt: skip
         index_ok = isinstance(self.unknown_index, int) and self.unknown_index >= 0
         _require(
             self.unknown_index in ("random", "extra") or index_ok,

@@ -272,6 +272,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         ds_adapter.set_rng_tracker_states(state["ds_checkpointing"])
 
 
+TRAINING_ONLY = ("dvae.", "loss.")
+"""Weights a run trains with that its export leaves out: the DALL-E run's frozen dVAE (saved on its
+own) and the VQGAN run's discriminator (taming's ``loss.*``)."""
+
+
 def export_checkpoint(
     ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None, max_shard_size: int | str | None = "5GB"
 ) -> Path:
@@ -282,7 +287,8 @@ def export_checkpoint(
     (``zero_export.CheckpointWeights``): a single ``model.safetensors`` up to ``max_shard_size``
     (``None``: never split), else Hugging Face shards + ``model.safetensors.index.json``, so host
     memory peaks at about a shard plus a layer whatever the model's size. The model config comes
-    from the checkpoint itself; a frozen dVAE attached during training is not included.
+    from the checkpoint itself; a frozen dVAE attached during training and a VQGAN's discriminator
+    are not included (``TRAINING_ONLY``).
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_complete_tag(ckpt_dir)
@@ -294,9 +300,9 @@ def export_checkpoint(
         raise ConfigError(f"{weights.states_path}: no model_config in the client state (not written by dalle-ds?)")
     with meta_modules():
         model = model_from_config(data, source=str(weights.states_path))
-    order = {k: v for k, v in model.state_dict().items() if not k.startswith("dvae.")}  # layers stay together
+    order = {k: v for k, v in model.state_dict().items() if not k.startswith(TRAINING_ONLY)}  # layers stay together
     missing, unexpected = sorted(set(order) - set(weights.shapes)), sorted(set(weights.shapes) - set(order) - {
-        k for k in weights.shapes if k.startswith("dvae.")})  # fmt: skip
+        k for k in weights.shapes if k.startswith(TRAINING_ONLY)})  # fmt: skip
     wrong = [k for k, v in order.items() if k in weights.shapes and weights.shapes[k] != v.shape]
     if missing or unexpected or wrong:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Command lines of the trainers (``scripts/train_dvae.py``, ``scripts/train_dalle.py``) and how a
+"""Command lines of the trainers (``scripts/train_dvae.py``, ``train_vqgan.py``, ``train_dalle.py``) and how a
 trainer process ends: 0 when done, 2 on a usage error or a stopped run (one message, see
 :func:`_report_stop`), 75 when preempted."""
 
@@ -17,9 +17,17 @@ from .errors import TrainingStopped, UsageError
 from .grad_scaling import GradScalingConfigError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, install_signal_handlers
 from .run_args import arg_parser, parse_run_config
-from .run_config import DalleRunConfig, DVAERunConfig
+from .run_config import DalleRunConfig, DVAERunConfig, VQGANRunConfig
 
-__all__ = ["dalle_arg_parser", "dvae_arg_parser", "exit_process", "main_dalle", "main_dvae"]
+__all__ = [
+    "dalle_arg_parser",
+    "dvae_arg_parser",
+    "exit_process",
+    "main_dalle",
+    "main_dvae",
+    "main_vqgan",
+    "vqgan_arg_parser",
+]
 
 
 def dvae_arg_parser() -> argparse.ArgumentParser:
@@ -32,7 +40,13 @@ def dalle_arg_parser() -> argparse.ArgumentParser:
     return arg_parser(DalleRunConfig, DALLE_DESCRIPTION)
 
 
+def vqgan_arg_parser() -> argparse.ArgumentParser:
+    """``scripts/train_vqgan.py``'s flags: one per :class:`VQGANRunConfig` setting, plus ``--config``."""
+    return arg_parser(VQGANRunConfig, VQGAN_DESCRIPTION)
+
+
 DVAE_DESCRIPTION = "Train the discrete VAE (image tokenizer) with DeepSpeed."
+VQGAN_DESCRIPTION = "Train or fine-tune a VQGAN image tokenizer (L1, LPIPS, codebook, patch GAN) with DeepSpeed."
 DALLE_DESCRIPTION = "Train the DALL-E transformer with DeepSpeed."
 
 
@@ -40,6 +54,12 @@ def main_dvae(argv=None) -> int:
     from .dvae_trainer import DVAETrainer
 
     return _run(DVAETrainer, DVAERunConfig, DVAE_DESCRIPTION, argv)
+
+
+def main_vqgan(argv=None) -> int:
+    from .vqgan_trainer import VQGANTrainer
+
+    return _run(VQGANTrainer, VQGANRunConfig, VQGAN_DESCRIPTION, argv)
 
 
 def main_dalle(argv=None) -> int:

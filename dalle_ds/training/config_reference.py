@@ -1,4 +1,4 @@
-"""The Markdown reference of every run setting of both trainers: the tables of
+"""The Markdown reference of every run setting of the trainers: the tables of
 ``docs/configuration.md`` (a test checks they are current). Regenerate them with
 
     python -m dalle_ds.training.config_reference
@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from .run_args import flag_name, setting_fields, shown_value
-from .run_config import DalleRunConfig, DVAERunConfig
+from .run_config import DalleRunConfig, DVAERunConfig, VQGANRunConfig
 
 __all__ = ["config_reference"]
 
@@ -15,7 +15,12 @@ __all__ = ["config_reference"]
 def config_reference() -> str:
     """One table per trainer: YAML key, flag, default, meaning."""
     lines = []
-    for cls, script in ((DalleRunConfig, "train_dalle.py"), (DVAERunConfig, "train_dvae.py")):
+    trainers = (
+        (DalleRunConfig, "train_dalle.py"),
+        (DVAERunConfig, "train_dvae.py"),
+        (VQGANRunConfig, "train_vqgan.py"),
+    )
+    for cls, script in trainers:
         lines += [f"### `scripts/{script}` ({cls.__name__})", "", "| YAML key | flag | default | meaning |",
                   "|---|---|---|---|"]  # fmt: skip
         for key, f, default, _ in setting_fields(cls):

@@ -44,6 +44,8 @@ __all__ = [
     "ScheduleSettings",
     "TextSettings",
     "TrainSettings",
+    "VQGANRunConfig",
+    "VQGANSettings",
 ]
 
 
@@ -218,7 +220,30 @@ class DVAESettings:
         _check(0 < self.ema_decay < 1, "dvae.ema_decay", self.ema_decay, "must be in (0, 1)")
 
 
-# --- the two run configs ---------------------------------------------------------------------------
+@dataclass
+class VQGANSettings:
+    disc_start: int = setting(-1, "step at which the discriminator's losses switch on (-1: half of train.steps)")
+    disc_weight: float = setting(0.8, "weight of the generator's adversarial term (times the adaptive weight)")
+    disc_factor: float = setting(1.0, "factor on both adversarial losses once the discriminator is on")
+    disc_loss: str = setting("hinge", "the discriminator's loss", choices=("hinge", "vanilla"))
+    disc_layers: int = setting(3, "the patch discriminator's strided conv layers")
+    disc_ndf: int = setting(64, "the patch discriminator's base width")
+    codebook_weight: float = setting(1.0, "weight of the codebook + commitment loss")
+    pixel_weight: float = setting(1.0, "weight of the L1 pixel loss")
+    perceptual_weights: str | None = setting(
+        None, "LPIPS weights: a local safetensors / .pth of its state dict or a taming checkpoint (none: no "
+        "perceptual loss)",
+    )  # fmt: skip
+    perceptual_weight: float = setting(1.0, "weight of the LPIPS loss (with perceptual_weights)")
+    init_from: str | None = setting(None, "start from this VQGAN folder's weights (fine-tuning; --preset must match)")
+
+    def __post_init__(self):
+        _check(self.disc_loss in ("hinge", "vanilla"), "vqgan.disc_loss", self.disc_loss, "must be hinge or vanilla")
+        _check(self.disc_start >= -1, "vqgan.disc_start", self.disc_start, "must be >= 0 (or -1: half the run)")
+        _check(self.disc_layers >= 1, "vqgan.disc_layers", self.disc_layers, "must be >= 1")
+
+
+# --- the run configs -------------------------------------------------------------------------------
 @dataclass
 class _RunConfig:
     preset: str | None = setting(None, "model preset name or model YAML (see docs/models.md)", required=True)
@@ -293,7 +318,26 @@ class DVAERunConfig(_RunConfig):
     trainer = "dvae"
 
 
-RunConfig = DalleRunConfig | DVAERunConfig
+@dataclass
+class VQGANRunConfig(_RunConfig):
+    """Every setting of the VQGAN trainer (``scripts/train_vqgan.py``)."""
+
+    data: DataSettings = section(DataSettings, "what to train on")
+    train: TrainSettings = section(TrainSettings, "steps, batch and seed")
+    optimizer: OptimizerSettings = section(
+        OptimizerSettings, "Adam for the generator and the discriminator (taming: 0.5, 0.9, no decay)", lr=1e-4,
+        betas=(0.5, 0.9), weight_decay=0.0,
+    )  # fmt: skip
+    schedule: ScheduleSettings = section(ScheduleSettings, "cosine decay, no warm-up (taming: constant)",
+                                         warmup_steps=0)  # fmt: skip
+    checkpoint: CheckpointSettings = section(CheckpointSettings, "checkpoints, resume and export")
+    logging: LoggingSettings = section(LoggingSettings, "metrics, images, progress")
+    vqgan: VQGANSettings = section(VQGANSettings, "the VQGAN recipe: L1, LPIPS, codebook, patch GAN")
+
+    trainer = "vqgan"
+
+
+RunConfig = DalleRunConfig | DVAERunConfig | VQGANRunConfig
 
 
 # --- helpers ---------------------------------------------------------------------------------------

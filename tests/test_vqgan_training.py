@@ -203,16 +203,19 @@ def test_what_the_trainer_refuses_it_names(tmp_path, single_process_group, chang
 
 @pytest.mark.slow
 def test_reconstruction_improves_and_the_codebook_stays_in_use(tmp_path):
-    """400 steps of vqgan-tiny on the synthetic shapes (2 ranks, fp32 ZeRO-2, discriminator from step
-    200): reconstruction PSNR on held-out images rises well above the untrained model's and a
-    quarter of the codebook or more is in use."""
+    """400 steps of vqgan-tiny with the EMA codebook on the synthetic shapes (2 ranks, fp32 ZeRO-2,
+    discriminator from step 200): reconstruction PSNR on held-out images rises well above the
+    untrained model's and half of the codebook or more is in use (measured: 6.3 -> 20.8 dB, all 128
+    codes; taming's learned codebook reached 17.6 dB on 15% of them)."""
     from dalle_ds.data.synthetic import SyntheticShapes
     from dalle_ds.inference.evaluation import dvae_metrics
 
     out = tmp_path / "vqgan"
+    save_config(CONFIG.replace(quantizer="ema"), tmp_path / "vqgan.yaml")
     args = vqgan_args(out, ds_config(tmp_path, 2), "--micro-batch-size", 8, "--data-size", 4000, "--lr", 3e-4,
                       "--log-every", 50)  # fmt: skip
-    for flag, value in (("--steps", 400), ("--disc-start", 200), ("--save-every", 0)):
+    changes = (("--steps", 400), ("--disc-start", 200), ("--save-every", 0), ("--preset", tmp_path / "vqgan.yaml"))
+    for flag, value in changes:
         args[args.index(flag) + 1] = value
     proc = launch("train_vqgan.py", *args, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -222,4 +225,4 @@ def test_reconstruction_improves_and_the_codebook_stays_in_use(tmp_path):
     before = dvae_metrics(VQGAN(CONFIG).eval(), [images])
     after = dvae_metrics(load_model(out / "final"), [images])
     print(f"PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, codebook usage {after['usage']:.2f}")
-    assert after["psnr"] > before["psnr"] + 6 and after["usage"] >= 0.25
+    assert after["psnr"] > before["psnr"] + 8 and after["usage"] >= 0.5

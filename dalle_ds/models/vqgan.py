@@ -241,7 +241,7 @@ class VQGANQuantizer(nn.Module):
             commit = F.mse_loss(z.float(), zq.detach().float())
             return zq, self.config.beta * commit, index
         index = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
-        zq = self.embedding(index).permute(0, 3, 1, 2).to(z.dtype)
+        zq = self.embedding(index).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         commit = F.mse_loss(z.float(), zq.detach().float())
         codebook = F.mse_loss(zq.float(), z.detach().float())
         beta = self.config.beta
@@ -250,7 +250,7 @@ class VQGANQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) codes -> (B, embed_dim, h, w) code vectors."""
-        return F.embedding(self.to_index(codes), self.codebook).permute(0, 3, 1, 2)
+        return F.embedding(self.to_index(codes), self.codebook).permute(0, 3, 1, 2).contiguous()
 
 
 class VQGANOutput(NamedTuple):

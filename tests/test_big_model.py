@@ -53,7 +53,8 @@ def test_tiny_block_size_matches_accelerate():
 
 @pytest.mark.parametrize(
     ("layout", "device_map", "blocks_in_memory"),
-    [("single", "sequential", 2), ("sharded", "sequential", 1), ("sharded", "balanced", 1), ("single", "auto", 0)],
+    [("single", "sequential", 2), pytest.param("sharded", "sequential", 1, marks=pytest.mark.slow),
+     ("sharded", "balanced", 1), ("single", "auto", 0)],  # fmt: skip
 )
 def test_offloaded_blocks_sample_the_same_tokens(pipelines, layout, device_map, blocks_in_memory, tmp_path):
     """A CPU budget that holds the embeddings and head plus 0-2 of the 4 blocks (and room for the
@@ -166,6 +167,7 @@ def test_generate_script_with_a_device_map_writes_the_same_grid(pipelines, tmp_p
     assert code == 2 and "DEVICE=SIZE" in err
 
 
+@pytest.mark.slow  # 10 s; the generate script with a device map runs by default
 def test_evaluate_script_with_blocks_on_disk_reports_the_same_numbers(pipelines, tmp_path):
     """evaluate.py loads through the same options: validation loss and caption accuracy of the
     spread model (blocks on disk, guided sampling) equal the whole model's."""

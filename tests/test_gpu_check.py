@@ -180,6 +180,7 @@ def smoke(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # 10 s; the orchestration test runs the train phase by default (its worker made to crash)
 def test_smoke_train_check_runs_the_trainer_under_the_launcher(smoke):
     train = smoke("train/dalle/cpu_zero2_fp32")  # through the deepspeed launcher, 1 CPU rank
     assert train["steps"] == 8 and train["complete_checkpoints"] == ["step00000004", "step00000008"]

@@ -193,7 +193,7 @@ def powersgd_fp16_run(stage, workdir, dvae_dir):
     return _fp16_runs[stage]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow), 2])
 def test_powersgd_under_fp16_skips_an_overflowed_step_and_keeps_training(stage, workdir, dvae_dir):
     """An overflow after start_iter is a skipped step (the scale halves), not an exception."""
     out = powersgd_fp16_run(stage, workdir, dvae_dir)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from conftest import ROOT, free_port
 from launching import assert_resumed, ds_config, launch, losses, metrics, train_args
@@ -141,6 +142,7 @@ def test_launch_sh_forwards_sigusr1_to_the_ranks_and_exits_75(workdir, dvae_dir,
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(expected), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # 11 s; a preemption checkpoint is a checkpoint: exports are compared by default in test_training.py
 def test_a_checkpoint_written_on_preemption_exports_as_deepspeed_consolidates_it(workdir, dvae_dir, shards, tmp_path):
     """scripts/export_checkpoint.py (streaming, the latest tag) on the step-3 checkpoint the group
     run saved when signalled: the weights DeepSpeed's own zero_to_fp32 consolidates in memory."""

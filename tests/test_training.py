@@ -52,6 +52,7 @@ def test_zero3_and_zero0_follow_the_same_loss_trajectory(workdir, dvae_dir):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # 14 s; a crash and exact resume also run by default in the kill-during-save test below
 def test_kill_9_one_rank_then_resume_continues_exactly(workdir, dvae_dir):
     ref = losses(run_stage("zero2", workdir, dvae_dir)[0])
     out = workdir / "crash"

@@ -69,22 +69,18 @@ def write_model_card(directory, settings: dict, sample_grid=None, license: str =
     return path
 
 
-_TOKENIZER_NAMES = {"dvae": "dVAE", "vqgan": "VQGAN"}
-
-
 def _tokenizer_summary(config_path: Path) -> dict:
     """The image tokenizer's kind, grid and codebook for the card (from ``dvae/config.json``)."""
     if not config_path.is_file():
         return {"name": "image"}
-    from ..models.config import DVAEConfig, VQGANConfig
+    from ..models.config import TOKENIZER_KINDS, config_from_dict
 
     data = json.loads(config_path.read_text())
     kind = data.get("model_type")
-    cls = {"dvae": DVAEConfig, "vqgan": VQGANConfig}.get(kind)
-    if cls is None:
+    if kind not in TOKENIZER_KINDS:
         return {"name": "image", "model_type": kind}
-    c = cls.from_dict(data, source=str(config_path))
-    return {"name": _TOKENIZER_NAMES[kind], "model_type": kind, "image_size": c.image_size,
+    c = config_from_dict(data, str(config_path), TOKENIZER_KINDS)
+    return {"name": c.title, "model_type": kind, "image_size": c.image_size,
             "grid": f"{c.grid_size}x{c.grid_size}", "codebook_size": c.codebook_size}  # fmt: skip
 
 

@@ -25,11 +25,11 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.constants import SAFETENSORS_INDEX_FILE
 from safetensors.torch import load_file, save_file
 
-from ..models.config import ConfigError, DalleConfig, DVAEConfig, VQGANConfig
+from ..models.config import ConfigError, DVAEConfig, config_from_dict
 from ..models.dalle import DALLE
 from ..models.dvae import DiscreteVAE
 from ..models.init import meta_modules
-from ..models.tokenizer import ImageTokenizer, is_tokenizer
+from ..models.tokenizer import ImageTokenizer, build_model, is_tokenizer
 from ..models.vqgan import VQGAN
 from ..utils.files import atomic_path, atomic_write_text
 
@@ -55,7 +55,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = SAFETENSORS_INDEX_FILE  # model.safetensors.index.json
 _SHARD_PATTERN = "model{suffix}.safetensors"  # {suffix}: -00001-of-00004
-_MODEL_TYPES = {"dalle": (DalleConfig, DALLE), "dvae": (DVAEConfig, DiscreteVAE), "vqgan": (VQGANConfig, VQGAN)}
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -177,11 +176,7 @@ def load_weights(model: torch.nn.Module, files: Iterable[Path], map_location="cp
 
 def model_from_config(data: dict, source: str) -> DALLE | DiscreteVAE | VQGAN:
     """A freshly built model for a config dict with a ``model_type`` (``dalle``, ``dvae`` or ``vqgan``)."""
-    kind = data.get("model_type")
-    if kind not in _MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type={kind!r}, expected one of {sorted(_MODEL_TYPES)}")
-    config_cls, model_cls = _MODEL_TYPES[kind]
-    return model_cls(config_cls.from_dict(data, source=source))
+    return build_model(config_from_dict(data, source))
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> DALLE | DiscreteVAE | VQGAN:

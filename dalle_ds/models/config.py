@@ -21,7 +21,10 @@ __all__ = [
     "DVAEConfig",
     "DalleConfig",
     "PRESETS",
+    "CONFIG_TYPES",
+    "TOKENIZER_KINDS",
     "VQGANConfig",
+    "config_from_dict",
     "get_preset",
     "load_config",
     "save_config",
@@ -63,7 +66,7 @@ class DVAEConfig(_ConfigBase):
     """'vq' only: a code whose EMA assignment count (per update, summed over ranks) falls below
     this is restarted at a random encoder output of the current batch."""
 
-    kind = "dvae"
+    kind, title = "dvae", "dVAE"
 
     def __post_init__(self):
         c = type(self)
@@ -146,7 +149,7 @@ class DalleConfig(_ConfigBase):
     init_std: float = 0.02
     """Std of the normal init; residual output projections are scaled by 1/sqrt(2 n_layers)."""
 
-    kind = "dalle"
+    kind, title = "dalle", "DALL-E"
 
     def __post_init__(self):
         c = type(self)
@@ -302,7 +305,18 @@ def get_preset(name: str) -> DalleConfig | DVAEConfig:
     return cls.from_dict(values, source=f"preset {name!r}")
 
 
-_CONFIG_TYPES = {c.kind: c for c in (DVAEConfig, VQGANConfig, DalleConfig)}
+CONFIG_TYPES = {c.kind: c for c in (DVAEConfig, VQGANConfig, DalleConfig)}
+"""``model_type`` -> config class."""
+TOKENIZER_KINDS = ("dvae", "vqgan")
+"""The ``model_type`` of the image tokenizers."""
+
+
+def config_from_dict(data: dict, source: str, kinds=tuple(CONFIG_TYPES)) -> DalleConfig | DVAEConfig | VQGANConfig:
+    """The config a dict with a ``model_type`` (one of ``kinds``) describes; ``source`` names it in errors."""
+    kind = data.get("model_type")
+    if kind not in kinds:
+        raise ConfigError(f"{source}: model_type={kind!r}, expected one of {sorted(kinds)}")
+    return CONFIG_TYPES[kind].from_dict(data, source=source)
 
 
 def load_config(name_or_path: str | Path, **overrides) -> DalleConfig | DVAEConfig:
@@ -318,10 +332,7 @@ def load_config(name_or_path: str | Path, **overrides) -> DalleConfig | DVAEConf
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    kind = data.get("model_type")
-    if kind not in _CONFIG_TYPES:
-        raise ConfigError(f"{path}: model_type={kind!r}, expected one of {sorted(_CONFIG_TYPES)}")
-    return _CONFIG_TYPES[kind].from_dict({**data, **overrides}, source=str(path))
+    return config_from_dict({**data, **overrides}, str(path))
 
 
 def save_config(config: DalleConfig | DVAEConfig, path: str | Path) -> None:

@@ -26,6 +26,7 @@ class _ConfigBase:
     """Shared dict / YAML plumbing for the config dataclasses."""
 
     kind: str = ""  # written into YAML so a file says which model it configures
+    title: str = ""  # how messages and model cards name the model
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": self.kind, **dataclasses.asdict(self)}

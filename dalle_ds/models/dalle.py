@@ -192,7 +192,7 @@ class DALLE(nn.Module):
 
     def check_dvae(self, dvae: DiscreteVAE) -> None:
         """Raise if the tokenizer's grid or codebook does not fit this model."""
-        name = {"dvae": "dVAE", "vqgan": "VQGAN"}.get(dvae.config.kind, type(dvae).__name__)
+        name = dvae.config.title or type(dvae).__name__
         if dvae.config.grid_size != self.config.image_grid:
             raise ValueError(
                 f"{name} grid {dvae.config.grid_size} != DalleConfig.image_grid={self.config.image_grid}"

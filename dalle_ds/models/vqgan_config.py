@@ -51,7 +51,7 @@ class VQGANConfig(_ConfigBase):
     dead_threshold: float = 1.0
     """'ema' only: a code whose EMA assignment count (summed over ranks) falls below this restarts."""
 
-    kind = "vqgan"
+    kind, title = "vqgan", "VQGAN"
 
     def __post_init__(self):
         c = type(self)

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from ..distributed.ds_config import DeepSpeedConfigError, load_ds_config
-from ..models.config import ConfigError, DalleConfig, DVAEConfig, VQGANConfig, load_config
+from ..models.config import (
+    TOKENIZER_KINDS,
+    ConfigError,
+    DalleConfig,
+    DVAEConfig,
+    VQGANConfig,
+    config_from_dict,
+    load_config,
+)
 from ..training.errors import UsageError
 from .layout import Layout, parse_bytes
 from .plan import plan_run
@@ -46,9 +54,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-_TOKENIZER_CONFIGS = {c.kind: c for c in (DVAEConfig, VQGANConfig)}
-
-
 def _dvae_config(spec: str) -> DVAEConfig | VQGANConfig:
     """The image tokenizer's config (a dVAE or a VQGAN): a preset, a YAML or a model folder."""
     path = Path(spec)
@@ -56,14 +61,12 @@ def _dvae_config(spec: str) -> DVAEConfig | VQGANConfig:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise UsageError(f"--dvae {spec}: no config.json in the folder")
-        data = json.loads(config_file.read_text())
-        kind = data.get("model_type")
-        if kind not in _TOKENIZER_CONFIGS:
-            raise UsageError(f"--dvae {spec}: {config_file} is not an image tokenizer config (model_type={kind!r})")
-        config = _TOKENIZER_CONFIGS[kind].from_dict(data, source=str(config_file))
-    else:
-        config = load_config(spec)
-    if not isinstance(config, tuple(_TOKENIZER_CONFIGS.values())):
+        try:
+            return config_from_dict(json.loads(config_file.read_text()), str(config_file), TOKENIZER_KINDS)
+        except ConfigError as err:
+            raise UsageError(f"--dvae {spec}: {err}") from None
+    config = load_config(spec)
+    if config.kind not in TOKENIZER_KINDS:
         raise UsageError(f"--dvae {spec}: not an image tokenizer config (dVAE or VQGAN): {type(config).__name__}")
     return config
 

@@ -13,24 +13,19 @@ generator's adversarial term reads the discriminator's whole weights, which ZeRO
 
 from __future__ import annotations
 
-import torch
-
-from ..data.synthetic import SyntheticShapes, holdout_combos
 from ..distributed import collectives as dd
 from ..inference.serialization import load_model
 from ..inference.taming import load_lpips
 from ..models.vqgan import VQGAN
 from ..models.vqgan_config import VQGANConfig
 from ..models.vqgan_loss import VQGANTrainingModel
-from .dvae_trainer import codebook_usage
 from .errors import UsageError
-from .optim import adamw_and_schedule
-from .trainer import Trainer
+from .tokenizer_trainer import ImageTokenizerTrainer, codebook_usage
 
 __all__ = ["VQGANTrainer"]
 
 
-class VQGANTrainer(Trainer):
+class VQGANTrainer(ImageTokenizerTrainer):
     model_kind = "vqgan"
 
     def build_model(self):
@@ -66,27 +61,11 @@ class VQGANTrainer(Trainer):
         if self.perceptual is not None:
             self.perceptual.to(self.engine.device)  # fp32: a frozen loss network
 
-    def model_blocks(self):
-        return torch.nn.ModuleList()
-
-    def build_optimizer(self, model):
-        return adamw_and_schedule(model.parameters(), self.cfg, self.ds_config)
-
-    def build_dataset(self):
-        held = holdout_combos(self.cfg.data.holdout)
-        return SyntheticShapes(self.cfg.data.synthetic_size, self.config.image_size, seed=self.cfg.train.seed,
-                               exclude=held)  # fmt: skip
-
-    def image_size(self) -> int:
-        return self.config.image_size
-
     def compute_loss(self, batch):
-        if "image" not in batch:
-            raise UsageError(f"--data {self.cfg.data.source} holds precomputed codes; the VQGAN trains on images")
         a = self.cfg.vqgan
         disc_factor = a.disc_factor if self.step >= self.disc_start else 0.0
         loss, metrics = self.engine(
-            batch["image"], disc_factor=disc_factor, disc_weight=a.disc_weight, codebook_weight=a.codebook_weight,
+            self.images(batch), disc_factor=disc_factor, disc_weight=a.disc_weight, codebook_weight=a.codebook_weight,
             pixel_weight=a.pixel_weight, perceptual=self.perceptual, perceptual_weight=a.perceptual_weight,
             disc_loss=a.disc_loss,
         )  # fmt: skip
@@ -94,14 +73,3 @@ class VQGANTrainer(Trainer):
         metrics = {"loss": loss, **metrics, "disc_factor": disc_factor,
                    "codebook_usage": codebook_usage(codes, self.config.codebook_size)}  # fmt: skip
         return loss, metrics, codes.numel()
-
-    def write_images(self, step: int) -> None:
-        from ..utils.images import save_grid
-
-        if self.preview is None or self.rank != 0:
-            return
-        x = self.preview["image"][:8]
-        module = self.engine.module
-        with torch.no_grad():
-            recon = module.decode(module.encode(x))
-        save_grid(torch.cat([x, recon.float()]), self.out / "images" / f"recon_{step:08d}.png", nrow=len(x))

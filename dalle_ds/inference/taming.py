@@ -107,6 +107,9 @@ def read_taming_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     unsafe = [n for n in names if n.split(".", 1)[0] not in INERT_MODULES]
     if unsafe:
         raise _refuse(unsafe, path)
+    # Not weights_only=True: its unpickler only fills exact dicts and lists, and Lightning pickles
+    # dict subclasses (hyper-parameters); the allow-list unpickler resolves the same allowed globals
+    # (torch's weights_only list) plus inert stand-ins, and refuses every other global.
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_safe_pickle_module(path))
     except UnsafeCheckpointError:
@@ -177,17 +180,17 @@ def convert_taming_vqgan(ckpt: str | Path, config: str | Path, out_dir: str | Pa
     vq_config = vqgan_config_from_taming(data, str(config), state)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not k.startswith("loss.")}
     model = VQGAN(vq_config)
-    expected = set(model.state_dict())
-    extra, missing = sorted(set(weights) - expected), sorted(expected - set(weights))
+    expected = model.state_dict()
+    extra, missing = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
     if extra or missing:
         raise ConfigError(
             f"{ckpt} does not fit {config}: unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}, "
             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     for key, value in weights.items():
-        if value.shape != model.state_dict()[key].shape:
-            raise ConfigError(f"{ckpt}: {key} has shape {tuple(value.shape)}, {config} makes "
-                              f"{tuple(model.state_dict()[key].shape)}")  # fmt: skip
+        if value.shape != expected[key].shape:
+            want = tuple(expected[key].shape)
+            raise ConfigError(f"{ckpt}: {key} has shape {tuple(value.shape)}, {config} makes {want}")
     model.load_state_dict(weights, strict=True)
     save_model(model, out_dir)
     return model.eval()

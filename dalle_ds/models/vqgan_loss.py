@@ -170,11 +170,8 @@ class VQGANTrainingModel(VQGAN):
         """(loss, metrics) of one step on images in [0, 1]. ``disc_factor`` 0 (before the
         discriminator starts) keeps the adversarial terms at zero; the discriminator still runs, so
         every parameter gets a gradient."""
-        self._check(images, "VQGAN training")
+        recon, codebook_loss, codes = super().forward(images)
         x = 2 * images.float() - 1
-        z = self.quant_conv(self.encoder(x.to(self.dtype)))
-        zq, codebook_loss, codes = self.quantize(z)
-        recon = self.decoder(self.post_quant_conv(zq))
         rec = (x - recon.float()).abs().mean()
         nll = pixel_weight * rec
         p_loss = torch.zeros((), device=x.device)

@@ -76,11 +76,11 @@ def _refuse(names, path) -> UnsafeCheckpointError:
 def _safe_pickle_module(path: Path) -> types.ModuleType:
     """A ``pickle``-like module for ``torch.load`` whose unpickler resolves only allowed globals."""
     stand_ins: dict[str, type] = {}
+    allowed = _weights_only_unpickler._get_allowed_globals()
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str):
             full = f"{module}.{name}"
-            allowed = _weights_only_unpickler._get_allowed_globals()
             if full in allowed:
                 return allowed[full]
             if module.split(".", 1)[0] not in INERT_MODULES:
